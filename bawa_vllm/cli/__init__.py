@@ -1,0 +1,1 @@
+"""Console entry points: ``bawa-export`` and ``bawa-eval``."""

@@ -1,0 +1,75 @@
+"""``bawa-export``: prune a Hugging Face checkpoint block by block and write the pruned checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ..pruning.engine import ExportConfig, prune_checkpoint
+from ..pruning.masks import SparsityPattern
+from ..pruning.methods import METHODS, make_method
+from ..pruning.search import SearchConfig
+from ._common import run_cli, setup_logging
+
+logger = logging.getLogger("bawa_vllm.export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bawa-export", description=__doc__)
+    ap.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (safetensors)")
+    ap.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    ap.add_argument("--method", choices=METHODS, default="bawa")
+    ap.add_argument("--sparsity", default="2:4", help="pruned fraction (0.5, 70%%) or N:M kept (2:4, 4:8)")
+    ap.add_argument("--no-search", action="store_true", help="BaWA with the initial Θ = (1, 1, 0.5), no search")
+    ap.add_argument("--calib", default=None, help=".txt / .jsonl(.gz) file, or a dataset name such as c4")
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default=None, help="compute and output dtype (default: the checkpoint's)")
+    ap.add_argument("--ignore", default="lm_head",
+                    help="comma-separated modules to leave dense: full names, dotted suffixes or globs")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--forward-batch", type=int, default=8, help="calibration windows per block forward")
+    s = ap.add_argument_group("BaWA search (zeroth-order SGD over Θ)")
+    d = SearchConfig()
+    s.add_argument("--search-epochs", type=int, default=d.epochs)
+    s.add_argument("--search-batch", type=int, default=d.batch_size, help="calibration windows per step")
+    s.add_argument("--search-lr", type=float, default=d.lr)
+    s.add_argument("--search-eps", type=float, default=d.eps, help="perturbation scale ε")
+    s.add_argument("--search-max-step", type=float, default=d.max_step, help="per-coordinate trust region")
+    s.add_argument("--search-patience", type=int, default=d.patience, help="epochs without improvement")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[ExportConfig, SearchConfig | None]:
+    pattern = SparsityPattern.parse(args.sparsity)
+    cfg = ExportConfig(
+        model=args.model, out=args.out, pattern=pattern, calib=args.calib, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
+        ignore=[p.strip() for p in args.ignore.split(",") if p.strip()], overwrite=args.overwrite,
+        forward_batch=args.forward_batch,
+    )
+    search = None if args.no_search else SearchConfig(
+        epochs=args.search_epochs, batch_size=args.search_batch, lr=args.search_lr, eps=args.search_eps,
+        max_step=args.search_max_step, patience=args.search_patience, seed=args.seed,
+    )
+    return cfg, search
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+
+    def run():
+        cfg, search = config_from_args(args)
+        report = prune_checkpoint(cfg, make_method(args.method, search))
+        print(json.dumps({"out": cfg.out, "sparsity": report["sparsity"], "seconds": report["seconds"],
+                          "peak_rss_mib": report["peak_rss_mib"]}))
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Reading a Hugging Face safetensors checkpoint tensor by tensor, and writing one shard by shard.
+
+The whole model is never loaded: a block's tensors are read with a short-lived ``safe_open`` per
+shard file (a handle kept open keeps the touched pages resident, so RSS would grow with depth), and
+the output is written as one shard per block. The output directory is built under a temporary name
+next to its destination and renamed into place only when complete, so an interrupted run leaves
+no half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files never copied from the source directory: weights (rewritten by us) and non-safetensors weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+class Checkpoint:
+    """A local checkpoint directory: its config and a map from tensor name to shard file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {self.path}")
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path}: no config.json, not a Hugging Face checkpoint")
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        # Same precedence as transformers' from_pretrained: a single file beats an index.
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {k: SINGLE_FILE for k in f.keys()}
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise FileNotFoundError(f"{self.path}: shard files named by {INDEX_FILE} are missing: {missing}")
+            return weight_map
+        raise FileNotFoundError(
+            f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported"
+        )
+
+    def config_dict(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [k for k in self.weight_map if k.startswith(prefix)]
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, on CPU, in their stored dtype; each shard opened once and closed."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key not in self.weight_map:
+                raise KeyError(f"{self.path}: tensor {key!r} not in the checkpoint")
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for fname, names in by_file.items():
+            with safe_open(self.path / fname, framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under ``prefix`` (give it with its trailing dot), with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.read(self.keys(prefix)).items()}
+
+
+class CheckpointWriter:
+    """Writes shards and the index into a temporary directory that becomes ``out`` on ``commit``."""
+
+    def __init__(self, out: str | os.PathLike, num_shards: int, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"output {self.out} already exists; pass --overwrite to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.num_shards = num_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self._next = 1
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> str:
+        fname = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
+        self._next += 1
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(data, self.tmp / fname, metadata={"format": "pt"})
+        for k, v in data.items():
+            self.weight_map[k] = fname
+            self.total_size += v.numel() * v.element_size()
+        return fname
+
+    def copy_side_files(self, source: Path) -> None:
+        """Tokenizer, generation config and other small files; weights are never copied."""
+        for item in source.iterdir():
+            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name != INDEX_FILE:
+                shutil.copy2(item, self.tmp / item.name)
+
+    def write_json(self, name: str, obj: dict) -> None:
+        (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def commit(self) -> Path:
+        """Write the index last, then move the finished directory into place."""
+        if self._next - 1 != self.num_shards:
+            raise RuntimeError(f"wrote {self._next - 1} shards, expected {self.num_shards}")
+        self.write_json(
+            INDEX_FILE,
+            {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
+        )
+        self.tmp.chmod(0o755)
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,264 @@
+"""The streamed, block-sequential pruning driver behind ``bawa-export``.
+
+For each decoder block in turn: build it from the config and fill it from the checkpoint; run the
+calibration windows through it densely while hooks accumulate per-input-channel squared norms
+(fp32); let the method choose the masks (BaWA may search Θ against the block loss); run the
+windows again through the *pruned* block to produce the next block's inputs (errors propagate, as
+in Wanda and SparseGPT); write the block's shard; free it. Only one block, the calibration hidden
+states and the dense block outputs are ever in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..calibration import calibration_windows, load_documents
+from ..modeling.checkpoint import CheckpointWriter
+from ..modeling.decoder import StreamedDecoder, linear_modules
+from .masks import SparsityPattern, apply_mask_
+from .methods import BlockJob, PruningMethod
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class ExportConfig:
+    model: str
+    out: str
+    pattern: SparsityPattern
+    calib: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    overwrite: bool = False
+    forward_batch: int = 8  # calibration windows per block forward
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """``name`` is a full module name; a pattern matches it whole, as a dotted suffix, or as a glob."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def block_loss_terms(dense_out: torch.Tensor, pruned_out: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of ||RMSNorm(dense) − RMSNorm(pruned)||² (squared error summed over hidden), and the token count."""
+    diff = rms_normalize(dense_out) - rms_normalize(pruned_out)
+    return diff.pow(2).sum().item(), diff[..., 0].numel()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class BlockPruner:
+    """Holds the calibration hidden states and runs one block at a time through stats, masks and propagation."""
+
+    def __init__(self, decoder: StreamedDecoder, hidden: torch.Tensor | None, forward_batch: int):
+        self.decoder = decoder
+        self.hidden = hidden  # [N, S, H] inputs of the current block (None: no calibration)
+        self.dense_out = torch.empty_like(hidden) if hidden is not None else None
+        self.forward_batch = forward_batch
+
+    def _batches(self, idx: torch.Tensor | None):
+        n = self.hidden.shape[0]
+        idx = torch.arange(n) if idx is None else idx
+        for s in range(0, idx.numel(), self.forward_batch):
+            yield idx[s : s + self.forward_batch].to(self.hidden.device)
+
+    @torch.no_grad()
+    def collect(self, layer, i: int, targets: dict) -> dict[str, torch.Tensor]:
+        """Dense forward of every window; returns each target's per-input-channel sum of squares."""
+        sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=self.hidden.device) for n, m in targets.items()}
+
+        def hook(name):
+            def pre(_module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] += x.pow(2).sum(dim=0)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+        try:
+            for b in self._batches(None):
+                self.dense_out[b] = self.decoder.run_block(layer, i, self.hidden[b])
+        finally:
+            for h in handles:
+                h.remove()
+        return sums
+
+    @torch.no_grad()
+    def loss(self, layer, i: int, idx: torch.Tensor | None) -> float:
+        total, tokens = 0.0, 0
+        for b in self._batches(idx):
+            t, n = block_loss_terms(self.dense_out[b], self.decoder.run_block(layer, i, self.hidden[b]))
+            total, tokens = total + t, tokens + n
+        return total / tokens
+
+    @torch.no_grad()
+    def propagate(self, layer, i: int) -> float:
+        """Pruned forward: the outputs become the next block's inputs; returns the block loss."""
+        total, tokens = 0.0, 0
+        for b in self._batches(None):
+            out = self.decoder.run_block(layer, i, self.hidden[b])
+            t, n = block_loss_terms(self.dense_out[b], out)
+            total, tokens = total + t, tokens + n
+            self.hidden[b] = out
+        return total / tokens
+
+
+def _set_masked(targets: dict, dense: dict, masks: dict) -> None:
+    for n, m in targets.items():
+        m.weight.data.copy_(dense[n])
+        apply_mask_(m.weight.data, masks[n])
+
+
+def check_shapes(decoder: StreamedDecoder, target_names: list[str], pattern: SparsityPattern) -> None:
+    """Fail before any work if an N:M group does not divide a target's input dimension."""
+    from safetensors import safe_open
+
+    ckpt = decoder.ckpt
+    for key in target_names:
+        wkey = f"{key}.weight"
+        with safe_open(ckpt.path / ckpt.weight_map[wkey], framework="pt") as f:
+            shape = f.get_slice(wkey).get_shape()
+        pattern.check_shape(shape[1], wkey)
+
+
+def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
+    """Prune ``cfg.model`` into ``cfg.out`` (dense, +0.0 at pruned weights); returns the report."""
+    t_start = time.time()
+    decoder = StreamedDecoder(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    with torch.device("meta"):
+        probe = decoder._layer_cls(decoder.config, layer_idx=0)
+    block_linears = list(linear_modules(probe))
+    del probe
+    targets_of = {
+        i: [n for n in block_linears if not is_ignored(f"{decoder.block_prefix(i)}{n}", cfg.ignore)]
+        for i in range(decoder.num_layers)
+    }
+    check_shapes(decoder, [f"{decoder.block_prefix(i)}{n}" for i, ns in targets_of.items() for n in ns], cfg.pattern)
+    if method.needs_calibration and not cfg.calib:
+        raise ValueError(f"--method {method.name} needs calibration text: pass --calib FILE or a dataset name")
+
+    writer = CheckpointWriter(cfg.out, num_shards=decoder.num_layers + 1, overwrite=cfg.overwrite)
+    try:
+        hidden = None
+        if cfg.calib:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path)
+            ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+            logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
+            hidden = decoder.embed(ids)
+        runner = BlockPruner(decoder, hidden, cfg.forward_batch)
+
+        non_block = decoder.ckpt.read(decoder.non_block_keys())
+        writer.write_shard({k: v.to(decoder.dtype) if v.is_floating_point() else v for k, v in non_block.items()})
+        del non_block
+
+        blocks = []
+        for i in tqdm(range(decoder.num_layers), desc=f"prune {method.name} {cfg.pattern}", disable=None):
+            blocks.append(_prune_block(decoder, runner, method, cfg, i, targets_of[i], writer))
+
+        writer.copy_side_files(decoder.ckpt.path)
+        config = decoder.ckpt.config_dict()
+        config.pop("torch_dtype", None)
+        config["dtype"] = _DTYPE_NAMES[decoder.dtype]
+        writer.write_json("config.json", config)
+        report = {
+            "bawa_vllm_version": _version(),
+            "arguments": {**asdict(cfg), "pattern": str(cfg.pattern), "method": method.name,
+                          "search": asdict(method.search) if getattr(method, "search", None) else None},
+            "model_type": decoder.config.model_type,
+            "num_blocks": decoder.num_layers,
+            "dtype": _DTYPE_NAMES[decoder.dtype],
+            "sparsity": _overall_sparsity(blocks),
+            "blocks": blocks,
+            "seconds": round(time.time() - t_start, 3),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        }
+        writer.write_json("bawa_report.json", report)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    logger.info("wrote %s in %.1f s (overall sparsity %.4f)", cfg.out, report["seconds"], report["sparsity"])
+    return report
+
+
+def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: ExportConfig, i: int,
+                 names: list[str], writer: CheckpointWriter) -> dict:
+    t0 = time.time()
+    layer = decoder.load_block(i)
+    modules = linear_modules(layer)
+    targets = {n: modules[n] for n in names}
+    dense = {n: m.weight.detach().clone() for n, m in targets.items()}
+    act = runner.collect(layer, i, targets) if runner.hidden is not None else {}
+
+    def loss(masks, idx):
+        _set_masked(targets, dense, masks)
+        return runner.loss(layer, i, idx)
+
+    job = BlockJob(index=i, targets=targets, dense=dense, act_sum_sq=act, pattern=cfg.pattern,
+                   n_samples=0 if runner.hidden is None else runner.hidden.shape[0],
+                   loss=loss if runner.hidden is not None else None)
+    result = method.prune_block(job)
+    _set_masked(targets, dense, result.masks)
+    block_loss = runner.propagate(layer, i) if runner.hidden is not None else None
+
+    prefix = decoder.block_prefix(i)
+    writer.write_shard({f"{prefix}{k}": v for k, v in layer.state_dict().items()})
+    layers = {}
+    for n, m in targets.items():
+        w = m.weight
+        layers[n] = {"shape": list(w.shape), "sparsity": round(1.0 - w.count_nonzero().item() / w.numel(), 6)}
+        if n in result.theta:
+            layers[n]["theta"] = result.theta[n]
+    entry = {"block": i, "loss": block_loss, "search": result.search, "layers": layers,
+             "seconds": round(time.time() - t0, 3), "rss_mib": round(peak_rss_mib(), 1)}
+    if result.search:
+        s = result.search
+        logger.info("block %d: loss %.5g -> %.5g after search (%d steps), %.1f s",
+                    i, s["initial_loss"], s["best_loss"], s["steps"], entry["seconds"])
+    else:
+        logger.info("block %d: loss %s, %.1f s", i, "n/a" if block_loss is None else f"{block_loss:.5g}", entry["seconds"])
+    del layer, modules, targets, dense, act
+    return entry
+
+
+def _overall_sparsity(blocks: list[dict]) -> float:
+    zeros = total = 0
+    for b in blocks:
+        for layer in b["layers"].values():
+            n = layer["shape"][0] * layer["shape"][1]
+            zeros += layer["sparsity"] * n
+            total += n
+    return round(zeros / total, 6) if total else 0.0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bawa-vllm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["ExportConfig", "prune_checkpoint", "is_ignored", "rms_normalize"]

@@ -1,0 +1,152 @@
+"""End to end: export -> transformers load -> logits equal an in-memory, full-model reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bawa_vllm.calibration import calibration_windows, load_documents
+from bawa_vllm.cli.export import main as export_main
+from bawa_vllm.pruning.masks import SparsityPattern, apply_mask_, keep_mask
+from bawa_vllm.pruning.metrics import wanda_scores
+
+from .conftest import CALIB_TEXT, make_config, save_model
+
+NSAMPLES, SEQLEN = 8, 24
+
+
+def _export(model_dir, out, *extra):
+    args = ["--model", str(model_dir), "--out", str(out), "--calib", str(CALIB_TEXT),
+            "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--forward-batch", str(NSAMPLES), *extra]
+    assert export_main(args) == 0
+    return json.loads((out / "bawa_report.json").read_text())
+
+
+def _full_model(path):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_wanda(model_dir, pattern: SparsityPattern):
+    """Wanda on the full in-memory model, block after block, each block's stats taken with the earlier
+    blocks already pruned (what the streamed driver must reproduce)."""
+    model = _full_model(model_dir)
+    ids = calibration_windows(load_documents(str(CALIB_TEXT)), AutoTokenizer.from_pretrained(model_dir),
+                              NSAMPLES, SEQLEN, seed=0)
+    for layer in model.model.layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        sums = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+
+        def hook(_module, args, name):
+            sums[name] += args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0)
+
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in linears.items()]
+        model(ids)
+        for h in hooks:
+            h.remove()
+        for n, m in linears.items():
+            apply_mask_(m.weight.data, keep_mask(wanda_scores(m.weight.data, sums[n]), pattern))
+    return model
+
+
+ARCHS = {
+    "llama": dict(),
+    "llama-tied": dict(tie_word_embeddings=True),
+    "mistral-sliding": dict(sliding_window=8),
+    "qwen2-bias": dict(),
+    "qwen2-tied-sliding": dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+                               max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(ARCHS))
+def test_wanda_export_matches_in_memory_reference(variant, tmp_path, tokenizer_dir):
+    arch = variant.split("-")[0]
+    src = save_model(make_config(arch, layers=3, **ARCHS[variant]), tmp_path / "src", tokenizer_dir, shard="50KB")
+    out = tmp_path / "out"
+    report = _export(src, out, "--method", "wanda", "--sparsity", "2:4")
+    assert report["sparsity"] == pytest.approx(0.5)
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+
+    exported, info = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    reference = reference_wanda(src, SparsityPattern.parse("2:4"))
+    ref_sd, exp_sd = reference.state_dict(), exported.state_dict()
+    for k, v in ref_sd.items():
+        assert torch.equal(v, exp_sd[k]), k
+    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    if ARCHS[variant].get("tie_word_embeddings"):
+        assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    # the source is untouched and pruned zeros are +0.0
+    q = exp_sd["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.signbit(q[q == 0]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(dtype, tmp_path, tokenizer_dir):
+    src = save_model(make_config("llama"), tmp_path / "src", tokenizer_dir, dtype=dtype)
+    out = tmp_path / "out"
+    report = _export(src, out, "--method", "bawa", "--sparsity", "4:8", "--search-epochs", "1")
+    assert report["dtype"] == str(dtype).removeprefix("torch.")
+    assert json.loads((out / "config.json").read_text())["dtype"] == report["dtype"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == dtype
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert ((w.reshape(w.shape[0], -1, 8) != 0).sum(-1) <= 4).all()
+
+
+def test_dtype_override_and_magnitude_without_calibration(tmp_path, tokenizer_dir, llama_dir):
+    out = tmp_path / "out"
+    assert export_main(["--model", str(llama_dir), "--out", str(out), "--method", "magnitude",
+                        "--sparsity", "0.6", "--dtype", "bfloat16"]) == 0
+    report = json.loads((out / "bawa_report.json").read_text())
+    assert report["blocks"][0]["loss"] is None
+    src = _full_model(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    for name, layer in report["blocks"][0]["layers"].items():
+        assert layer["sparsity"] == pytest.approx(int(layer["shape"][1] * 0.6) / layer["shape"][1])
+    ref = src.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16)
+    apply_mask_(ref, keep_mask(ref.float().abs(), SparsityPattern(0.6)))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, ref)
+    # non-target tensors are copied (cast) unchanged
+    assert torch.equal(model.lm_head.weight, src.lm_head.weight.to(torch.bfloat16))
+
+
+def test_ignore_leaves_modules_dense(tmp_path, llama_dir):
+    out = tmp_path / "out"
+    report = _export(llama_dir, out, "--method", "wanda", "--sparsity", "0.5",
+                     "--ignore", "lm_head,down_proj,model.layers.1.self_attn.q_proj")
+    assert "down_proj" not in report["blocks"][0]["layers"]
+    assert "self_attn.q_proj" not in report["blocks"][1]["layers"]
+    assert "self_attn.q_proj" in report["blocks"][0]["layers"]
+    with safe_open(out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][
+            "model.layers.0.mlp.down_proj.weight"], "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").count_nonzero() > 0.99 * 128 * 64
+
+
+def test_search_lowers_block_loss(tmp_path, llama_dir):
+    report = _export(llama_dir, tmp_path / "out", "--method", "bawa", "--sparsity", "2:4",
+                     "--search-epochs", "4", "--search-batch", "2")
+    searches = [b["search"] for b in report["blocks"]]
+    assert all(s["best_loss"] <= s["initial_loss"] for s in searches)
+    assert sum(s["best_loss"] for s in searches) < sum(s["initial_loss"] for s in searches)
+    # the final block loss is the searched one, and Θ is reported per layer
+    for b in report["blocks"]:
+        assert b["loss"] == pytest.approx(b["search"]["best_loss"], rel=1e-4)
+        assert len(b["layers"]["mlp.down_proj"]["theta"]) == 3
+
+
+def test_no_search_uses_initial_theta(tmp_path, llama_dir):
+    report = _export(llama_dir, tmp_path / "out", "--method", "bawa", "--sparsity", "0.7", "--no-search")
+    for b in report["blocks"]:
+        assert b["search"] is None
+        assert all(layer["theta"] == [1.0, 1.0, 0.5] for layer in b["layers"].values())
+        assert all(layer["sparsity"] == pytest.approx(0.7, abs=0.02) for layer in b["layers"].values())

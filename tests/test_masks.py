@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from bawa_vllm.pruning.masks import SparsityPattern, apply_mask_, keep_mask
+
+
+def test_parse():
+    assert SparsityPattern.parse("2:4") == SparsityPattern(0.5, 2, 4)
+    assert SparsityPattern.parse(" 4:8 ").is_nm
+    assert SparsityPattern.parse("0.7").ratio == pytest.approx(0.7)
+    assert SparsityPattern.parse("60%").ratio == pytest.approx(0.6)
+    for bad in ["abc", "2:", "4:2", "0:4", "1.5", "0", "1", "-0.2", "2:4:8"]:
+        with pytest.raises(ValueError, match="sparsity"):
+            SparsityPattern.parse(bad)
+
+
+def test_hand_computed_24():
+    w = torch.tensor([[1.0, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]])
+    mask = keep_mask(w.abs(), SparsityPattern.parse("2:4"))
+    assert mask.tolist() == [[False, False, True, True, False, False, True, True],
+                             [True, True, False, False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("spec", ["2:4", "4:8", "1:4", "3:8"])
+def test_nm_every_group(spec):
+    pattern = SparsityPattern.parse(spec)
+    scores = torch.rand(16, 64, generator=torch.Generator().manual_seed(1))
+    mask = keep_mask(scores, pattern)
+    groups = mask.reshape(16, -1, pattern.m)
+    assert (groups.sum(-1) == pattern.n).all()
+    # the kept ones are the group's largest
+    g = scores.reshape(16, -1, pattern.m)
+    kept_min = torch.where(groups, g, torch.inf).amin(-1)
+    pruned_max = torch.where(groups, -torch.inf, g).amax(-1)
+    assert (kept_min >= pruned_max).all()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.6, 0.7, 0.9])
+def test_unstructured_per_row(ratio):
+    scores = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
+    mask = keep_mask(scores, SparsityPattern(ratio))
+    n_pruned = int(50 * ratio)
+    assert ((~mask).sum(1) == n_pruned).all()
+    for r in range(8):
+        assert scores[r][mask[r]].min() >= scores[r][~mask[r]].max()
+
+
+def test_nm_must_divide():
+    with pytest.raises(ValueError, match="divide by 8"):
+        keep_mask(torch.rand(4, 12), SparsityPattern.parse("4:8"), "layer.weight")
+
+
+def test_apply_mask_leaves_positive_zero():
+    w = -torch.rand(4, 8) - 0.1
+    mask = keep_mask(w.abs(), SparsityPattern.parse("2:4"))
+    apply_mask_(w, mask)
+    zeros = w == 0
+    assert zeros.sum() == 16 and not torch.signbit(w[zeros]).any()
