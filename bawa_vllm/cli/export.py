@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore", default="lm_head",
                     help="comma-separated modules to leave dense: full names, dotted suffixes or globs")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--format", choices=("auto", "packed", "dense"), default="auto",
+                    help="packed: 2:4-packed values + metadata for the vLLM plugin (default for 2:4); "
+                         "dense: masked dense weights that any loader reads")
     ap.add_argument("--forward-batch", type=int, default=8, help="calibration windows per block forward")
     s = ap.add_argument_group("BaWA search (zeroth-order SGD over Θ)")
     d = SearchConfig()
@@ -49,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExportConfig, SearchConf
         model=args.model, out=args.out, pattern=pattern, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
         ignore=[p.strip() for p in args.ignore.split(",") if p.strip()], overwrite=args.overwrite,
-        forward_batch=args.forward_batch,
+        forward_batch=args.forward_batch, format=args.format,
     )
     search = None if args.no_search else SearchConfig(
         epochs=args.search_epochs, batch_size=args.search_batch, lr=args.search_lr, eps=args.search_eps,

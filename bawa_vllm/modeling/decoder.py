@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from ..sparse.format import unpack_state_dict
 from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class StreamedDecoder:
         return [k for k in self.ckpt.weight_map if not k.startswith(layers)]
 
     def load_block(self, i: int) -> nn.Module:
-        state = self.ckpt.read_prefix(self.block_prefix(i))
+        state = unpack_state_dict(self.ckpt.read_prefix(self.block_prefix(i)))
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         with torch.device("meta"):
             layer = self._layer_cls(self.config, layer_idx=i)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..calibration import calibration_windows, load_documents
 from ..modeling.checkpoint import CheckpointWriter
 from ..modeling.decoder import StreamedDecoder, linear_modules
+from ..sparse.format import pack_state_dict, quantization_config
 from .masks import SparsityPattern, apply_mask_
 from .methods import BlockJob, PruningMethod
 
@@ -44,6 +45,17 @@ class ExportConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     overwrite: bool = False
     forward_batch: int = 8  # calibration windows per block forward
+    format: str = "auto"  # packed (2:4 only), dense, or auto = packed for 2:4
+
+    def __post_init__(self):
+        if self.format not in ("auto", "packed", "dense"):
+            raise ValueError(f"--format {self.format!r}: choose auto, packed or dense")
+        if self.format == "packed" and not self.pattern.is_24:
+            raise ValueError(f"--format packed stores 2:4 only, not {self.pattern}; use --format dense")
+
+    @property
+    def packed(self) -> bool:
+        return self.pattern.is_24 and self.format != "dense"
 
 
 def is_ignored(name: str, patterns: list[str]) -> bool:
@@ -179,6 +191,11 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
         config = decoder.ckpt.config_dict()
         config.pop("torch_dtype", None)
         config["dtype"] = _DTYPE_NAMES[decoder.dtype]
+        if cfg.packed:
+            dense_linears = [f"{decoder.block_prefix(i)}{n}" for i in range(decoder.num_layers)
+                             for n in block_linears if n not in targets_of[i]]
+            config["quantization_config"] = quantization_config(str(cfg.pattern), ["lm_head", *dense_linears],
+                                                                method.name)
         writer.write_json("config.json", config)
         report = {
             "bawa_vllm_version": _version(),
@@ -187,6 +204,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             "model_type": decoder.config.model_type,
             "num_blocks": decoder.num_layers,
             "dtype": _DTYPE_NAMES[decoder.dtype],
+            "format": "packed-2:4" if cfg.packed else "dense",
             "sparsity": _overall_sparsity(blocks),
             "blocks": blocks,
             "seconds": round(time.time() - t_start, 3),
@@ -223,7 +241,10 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
     block_loss = runner.propagate(layer, i) if runner.hidden is not None else None
 
     prefix = decoder.block_prefix(i)
-    writer.write_shard({f"{prefix}{k}": v for k, v in layer.state_dict().items()})
+    state = layer.state_dict()
+    if cfg.packed:
+        state = pack_state_dict(state, names)
+    writer.write_shard({f"{prefix}{k}": v for k, v in state.items()})
     layers = {}
     for n, m in targets.items():
         w = m.weight

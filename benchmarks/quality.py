@@ -1,0 +1,122 @@
+"""Perplexity of pruning methods side by side, in one run, on a given model and text.
+
+Rows: dense, magnitude, wanda, bawa --no-search, bawa (searched Θ), at each sparsity given
+(default 50 %, 2:4, 4:8). Every pruned model is exported with the real ``bawa-export`` pipeline
+into a temporary directory and evaluated with the streamed ``bawa-eval`` perplexity on held-out
+text. Writes ``quality.json``, ``quality.md`` and ``quality.png`` under ``--out``.
+
+    python benchmarks/quality.py --model demo/model --calib demo/data/calib.txt --eval demo/data/eval.txt \
+        --seqlen 256 --nsamples 64 --out benchmarks/results/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bawa_vllm.calibration import evaluation_windows, load_documents
+from bawa_vllm.evaluation import streamed_perplexity
+from bawa_vllm.pruning.engine import ExportConfig, prune_checkpoint
+from bawa_vllm.pruning.masks import SparsityPattern
+from bawa_vllm.pruning.methods import make_method
+from bawa_vllm.pruning.search import SearchConfig
+
+VARIANTS = [  # (label, method, search?)
+    ("magnitude", "magnitude", False),
+    ("wanda", "wanda", False),
+    ("bawa --no-search", "bawa", False),
+    ("bawa", "bawa", True),
+]
+
+
+def run(args) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    windows = evaluation_windows(load_documents(args.eval), tokenizer, args.seqlen, args.max_windows)
+    rows = [{"method": "dense", "sparsity": "-", "seconds": 0.0,
+             **streamed_perplexity(args.model, windows, args.device)}]
+    logging.info("dense: ppl %.3f", rows[0]["perplexity"])
+    for spec in args.sparsities:
+        for label, method, search in VARIANTS:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern.parse(spec),
+                                   calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                   device=args.device)
+                t0 = time.time()
+                report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=args.seed) if search else None))
+                seconds = time.time() - t0
+                ppl = streamed_perplexity(cfg.out, windows, args.device)
+            rows.append({"method": label, "sparsity": spec, "seconds": round(seconds, 2),
+                         "measured_sparsity": report["sparsity"], **ppl})
+            logging.info("%s %s: ppl %.3f (%.1f s)", label, spec, ppl["perplexity"], seconds)
+    return {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
+            "nsamples": args.nsamples, "seed": args.seed, "eval_tokens": rows[0]["tokens"], "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    specs = list(dict.fromkeys(r["sparsity"] for r in result["rows"] if r["sparsity"] != "-"))
+    dense = result["rows"][0]["perplexity"]
+    lines = [f"Perplexity on `{result['eval']}` ({result['eval_tokens']} tokens, seqlen {result['seqlen']}); "
+             f"calibration `{result['calib']}`, {result['nsamples']} windows; dense {dense:.3f}.", "",
+             "| method | " + " | ".join(specs) + " | export time (s) |",
+             "|---|" + "---|" * (len(specs) + 1)]
+    for label, _, _ in VARIANTS:
+        cells = [r for r in result["rows"] if r["method"] == label]
+        ppl = " | ".join(f"{r['perplexity']:.3f}" for r in cells)
+        secs = " / ".join(f"{r['seconds']:.0f}" for r in cells)
+        lines.append(f"| {label} | {ppl} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(dict.fromkeys(r["sparsity"] for r in result["rows"] if r["sparsity"] != "-"))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(VARIANTS)
+    for k, (label, _, _) in enumerate(VARIANTS):
+        vals = [next(r["perplexity"] for r in result["rows"] if r["method"] == label and r["sparsity"] == s)
+                for s in specs]
+        ax.bar([i + k * width for i in range(len(specs))], vals, width, label=label)
+    ax.axhline(result["rows"][0]["perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax.set_xticks([i + width * (len(VARIANTS) - 1) / 2 for i in range(len(specs))], specs)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{Path(result['model']).name}: held-out perplexity by pruning method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True, help="held-out text (not the calibration text)")
+    ap.add_argument("--sparsities", nargs="+", default=["0.5", "2:4", "4:8"])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (args.out / "quality.md").write_text(table)
+    plot(result, args.out / "quality.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
