@@ -61,7 +61,8 @@ def test_packed_serves_like_dense_masked(exports, tmp_path):
     assert packed == dense
     assert all(len(tokens) == 12 for tokens in packed["completions"])
     log = (tmp_path / "packed.log").read_text()
-    assert "bawa-sparse" in log
+    assert "quantization=bawa-sparse" in log
+    assert "bawa-sparse: CPU backend = dense weight through vLLM's CPU GEMM dispatch" in log
 
 
 def test_tensor_parallel_2(exports, tmp_path):
@@ -78,6 +79,8 @@ def _corrupt(src, dst, edit):
     tensors = load_file(dst / fname)
     edit(tensors)
     save_file(tensors, dst / fname, metadata={"format": "pt"})
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if f != fname or k in tensors}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return dst
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.platforms import current_platform
@@ -12,7 +11,8 @@ from vllm.platforms import current_platform
 from ..sparse import kernels
 from ..sparse.format import META_SUFFIX, VALUES_SUFFIX, check_packed, unpack_24
 
-logger = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger namespace, so that vLLM's log handlers print it.
+logger = init_logger("vllm.plugins.bawa_sparse")
 _LOGGED: set[str] = set()
 
 
