@@ -113,8 +113,8 @@ def test_dtype_override_and_magnitude_without_calibration(tmp_path, tokenizer_di
     assert model.dtype == torch.bfloat16
     for name, layer in report["blocks"][0]["layers"].items():
         assert layer["sparsity"] == pytest.approx(int(layer["shape"][1] * 0.6) / layer["shape"][1])
-    ref = src.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16)
-    apply_mask_(ref, keep_mask(ref.float().abs(), SparsityPattern(0.6)))
+    ref = src.model.layers[0].mlp.up_proj.weight.detach().clone()  # masks from the fp32 weights, then cast
+    ref = apply_mask_(ref, keep_mask(ref.abs(), SparsityPattern(0.6))).to(torch.bfloat16)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, ref)
     # non-target tensors are copied (cast) unchanged
     assert torch.equal(model.lm_head.weight, src.lm_head.weight.to(torch.bfloat16))

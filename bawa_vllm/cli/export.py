@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--dtype", default=None, help="compute and output dtype (default: the checkpoint's)")
+    ap.add_argument("--dtype", default=None, help="output dtype (default: the checkpoint's)")
+    ap.add_argument("--compute-dtype", default=None,
+                    help="dtype of the calibration forward (default: float32 on CPU, where bf16 matmuls are "
+                         "slow, else the output dtype); masks are exact either way")
     ap.add_argument("--ignore", default="lm_head",
                     help="comma-separated modules to leave dense: full names, dotted suffixes or globs")
     ap.add_argument("--overwrite", action="store_true")
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-eps", type=float, default=d.eps, help="perturbation scale ε")
     s.add_argument("--search-max-step", type=float, default=d.max_step, help="per-coordinate trust region")
     s.add_argument("--search-patience", type=int, default=d.patience, help="epochs without improvement")
+    s.add_argument("--search-holdout", type=float, default=d.holdout,
+                   help="fraction of calibration windows held out of the steps to select the best Θ")
+    s.add_argument("--search-target", choices=("model", "block"), default="model",
+                   help="model: match the dense model's block output on its own dense inputs (default); "
+                        "block: the dense block on the pruned inputs (the paper's Eq. 7 read literally)")
     return ap
 
 
@@ -52,11 +60,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExportConfig, SearchConf
         model=args.model, out=args.out, pattern=pattern, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
         ignore=[p.strip() for p in args.ignore.split(",") if p.strip()], overwrite=args.overwrite,
-        forward_batch=args.forward_batch, format=args.format,
+        forward_batch=args.forward_batch, format=args.format, loss_target=args.search_target,
+        compute_dtype=args.compute_dtype,
     )
     search = None if args.no_search else SearchConfig(
         epochs=args.search_epochs, batch_size=args.search_batch, lr=args.search_lr, eps=args.search_eps,
-        max_step=args.search_max_step, patience=args.search_patience, seed=args.seed,
+        max_step=args.search_max_step, patience=args.search_patience, holdout=args.search_holdout, seed=args.seed,
     )
     return cfg, search
 

@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from ..calibration import calibration_windows, load_documents
 from ..modeling.checkpoint import CheckpointWriter
-from ..modeling.decoder import StreamedDecoder, linear_modules
+from ..modeling.decoder import StreamedDecoder, linear_modules, parse_dtype
 from ..sparse.format import pack_state_dict, quantization_config
 from .masks import SparsityPattern, apply_mask_
 from .methods import BlockJob, PruningMethod
 
 logger = logging.getLogger(__name__)
 
+LOSS_TARGETS = ("model", "block")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -46,6 +47,8 @@ class ExportConfig:
     overwrite: bool = False
     forward_batch: int = 8  # calibration windows per block forward
     format: str = "auto"  # packed (2:4 only), dense, or auto = packed for 2:4
+    loss_target: str = "model"  # what the block loss compares with: see BlockPruner
+    compute_dtype: str | None = None  # default: float32 on CPU (bf16 matmuls are slow there), else the output dtype
 
     def __post_init__(self):
         if self.format not in ("auto", "packed", "dense"):
@@ -81,11 +84,17 @@ def peak_rss_mib() -> float:
 class BlockPruner:
     """Holds the calibration hidden states and runs one block at a time through stats, masks and propagation."""
 
-    def __init__(self, decoder: StreamedDecoder, hidden: torch.Tensor | None, forward_batch: int):
+    def __init__(self, decoder: StreamedDecoder, hidden: torch.Tensor | None, forward_batch: int,
+                 target: str = "block"):
         self.decoder = decoder
         self.hidden = hidden  # [N, S, H] inputs of the current block (None: no calibration)
         self.dense_out = torch.empty_like(hidden) if hidden is not None else None
         self.forward_batch = forward_batch
+        # target "model": the loss compares with the *dense model's* block output on its own dense inputs,
+        # carried alongside in dense_hidden; "block": the dense block on the pruned inputs (Eq. 7 read literally).
+        if target not in LOSS_TARGETS:
+            raise ValueError(f"loss target {target!r}: choose one of {', '.join(LOSS_TARGETS)}")
+        self.dense_hidden = hidden.clone() if target == "model" and hidden is not None else None
 
     def _batches(self, idx: torch.Tensor | None):
         n = self.hidden.shape[0]
@@ -111,6 +120,9 @@ class BlockPruner:
         finally:
             for h in handles:
                 h.remove()
+        if self.dense_hidden is not None:
+            for b in self._batches(None):
+                self.dense_out[b] = self.dense_hidden[b] = self.decoder.run_block(layer, i, self.dense_hidden[b])
         return sums
 
     @torch.no_grad()
@@ -154,7 +166,12 @@ def check_shapes(decoder: StreamedDecoder, target_names: list[str], pattern: Spa
 def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
     """Prune ``cfg.model`` into ``cfg.out`` (dense, +0.0 at pruned weights); returns the report."""
     t_start = time.time()
-    decoder = StreamedDecoder(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    probe_decoder = StreamedDecoder(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    out_dtype = probe_decoder.dtype
+    compute = parse_dtype(cfg.compute_dtype) or (torch.float32 if torch.device(cfg.device).type == "cpu" else out_dtype)
+    decoder = probe_decoder if compute == out_dtype else StreamedDecoder(cfg.model, dtype=compute, device=cfg.device)
+    decoder.out_dtype = out_dtype
+    del probe_decoder
     with torch.device("meta"):
         probe = decoder._layer_cls(decoder.config, layer_idx=0)
     block_linears = list(linear_modules(probe))
@@ -177,10 +194,11 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
             logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
             hidden = decoder.embed(ids)
-        runner = BlockPruner(decoder, hidden, cfg.forward_batch)
+        searching = getattr(method, "search", None) is not None
+        runner = BlockPruner(decoder, hidden, cfg.forward_batch, cfg.loss_target if searching else "block")
 
         non_block = decoder.ckpt.read(decoder.non_block_keys())
-        writer.write_shard({k: v.to(decoder.dtype) if v.is_floating_point() else v for k, v in non_block.items()})
+        writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in non_block.items()})
         del non_block
 
         blocks = []
@@ -190,7 +208,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
         writer.copy_side_files(decoder.ckpt.path)
         config = decoder.ckpt.config_dict()
         config.pop("torch_dtype", None)
-        config["dtype"] = _DTYPE_NAMES[decoder.dtype]
+        config["dtype"] = _DTYPE_NAMES[out_dtype]
         if cfg.packed:
             dense_linears = [f"{decoder.block_prefix(i)}{n}" for i in range(decoder.num_layers)
                              for n in block_linears if n not in targets_of[i]]
@@ -203,7 +221,9 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
                           "search": asdict(method.search) if getattr(method, "search", None) else None},
             "model_type": decoder.config.model_type,
             "num_blocks": decoder.num_layers,
-            "dtype": _DTYPE_NAMES[decoder.dtype],
+            "dtype": _DTYPE_NAMES[out_dtype],
+            "compute_dtype": _DTYPE_NAMES[decoder.dtype],
+            "loss_target": cfg.loss_target if searching else "block",
             "format": "packed-2:4" if cfg.packed else "dense",
             "sparsity": _overall_sparsity(blocks),
             "blocks": blocks,
@@ -241,7 +261,7 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
     block_loss = runner.propagate(layer, i) if runner.hidden is not None else None
 
     prefix = decoder.block_prefix(i)
-    state = layer.state_dict()
+    state = {k: v.to(decoder.out_dtype) for k, v in layer.state_dict().items()}
     if cfg.packed:
         state = pack_state_dict(state, names)
     writer.write_shard({f"{prefix}{k}": v for k, v in state.items()})

@@ -42,10 +42,12 @@ class SearchConfig:
     eps: float = 0.01
     max_step: float = 0.1
     patience: int = 2
+    holdout: float = 0.25
     seed: int = 0
 
     def __post_init__(self):
-        if self.epochs < 0 or self.batch_size < 1 or self.eps <= 0 or self.lr < 0 or self.max_step <= 0:
+        if (self.epochs < 0 or self.batch_size < 1 or self.eps <= 0 or self.lr < 0 or self.max_step <= 0
+                or not 0 <= self.holdout < 1):
             raise ValueError(f"invalid search settings: {self}")
 
 
@@ -63,15 +65,28 @@ def zeroth_order_search(loss_fn: LossFn, theta0: torch.Tensor, n_samples: int, c
     """Minimise ``loss_fn(Θ, window_indices)`` over Θ from ``theta0``; ``None`` indices = all windows."""
     gen = torch.Generator().manual_seed(cfg.seed)
     theta = theta0.detach().to(torch.float64).clone()
-    initial = loss_fn(theta, None)
+    perm = torch.randperm(n_samples, generator=gen)
+    n_val = int(n_samples * cfg.holdout) if n_samples >= 4 else 0
+    val, train = perm[:n_val], perm[n_val:]
+
+    def score(th: torch.Tensor) -> tuple[float, float]:
+        """(selection loss, full-calibration loss): held-out windows select, all windows guarantee."""
+        if n_val == 0:
+            full = loss_fn(th, None)
+            return full, full
+        lv, lt = loss_fn(th, val), loss_fn(th, train)
+        return lv, (lv * n_val + lt * train.numel()) / n_samples
+
+    initial_sel, initial = score(theta)
     result = SearchResult(theta=theta.clone(), initial_loss=initial, best_loss=initial)
     if initial == 0.0 or cfg.epochs == 0:
         return result
-    batches_per_epoch = max(1, n_samples // cfg.batch_size)
+    best_sel = initial_sel
+    batches_per_epoch = max(1, train.numel() // cfg.batch_size)
     stale = 0
     bar = tqdm(total=cfg.epochs * batches_per_epoch, desc=desc, leave=False, disable=None)
     for _epoch in range(cfg.epochs):
-        order = torch.randperm(n_samples, generator=gen)
+        order = train[torch.randperm(train.numel(), generator=gen)]
         for b in range(batches_per_epoch):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             z = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
@@ -81,10 +96,10 @@ def zeroth_order_search(loss_fn: LossFn, theta0: torch.Tensor, n_samples: int, c
             theta -= (cfg.lr * grad).clamp(-cfg.max_step, cfg.max_step)
             result.steps += 1
             bar.update(1)
-        loss = loss_fn(theta, None)
-        result.epoch_losses.append(loss)
-        if loss < result.best_loss:
-            result.best_loss, result.theta, stale = loss, theta.clone(), 0
+        sel, full = score(theta)
+        result.epoch_losses.append(full)
+        if sel < best_sel and full <= initial:
+            best_sel, result.best_loss, result.theta, stale = sel, full, theta.clone(), 0
         else:
             stale += 1
             if stale >= cfg.patience:
