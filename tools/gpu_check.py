@@ -47,21 +47,6 @@ def pruned(n: int, k: int, dtype) -> torch.Tensor:
     return apply_mask_(w, keep_mask(w.float().abs(), SparsityPattern.parse("2:4")))
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def with_backend(name: str, w: torch.Tensor) -> kernels.PreparedWeight:
     os.environ["BAWA_SPARSE_BACKEND"] = name
     return kernels.prepare(w)
@@ -109,13 +94,13 @@ def timings(repeats: int) -> list[dict]:
             for m in M_VALUES:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 row = {"shape": name, "tp": tp, "N": n, "K": k, "M": m,
-                       "dense_ms": median_ms(lambda: F.linear(x, w), repeats)}
+                       "dense_ms": kernels.cuda_median_ms(lambda: F.linear(x, w), repeats)}
                 for b, p in prepared.items():
                     ran = kernels.backend_name(p.backend)
                     if b != "auto" and ran != b:
                         row[f"{b}_ms"] = None
                         continue
-                    row[f"{b}_ms"] = median_ms(lambda p=p: p(x), repeats)
+                    row[f"{b}_ms"] = kernels.cuda_median_ms(lambda p=p: p(x), repeats)
                 row["auto_min_sparse_m"] = prepared["auto"].min_sparse_m
                 rows.append(row)
             del w, prepared

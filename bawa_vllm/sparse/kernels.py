@@ -155,8 +155,8 @@ def choose_min_sparse_m(prepared: PreparedWeight, k: int, repeats: int = 20) -> 
     wins = []
     for m in _PROBE_M:
         x = torch.randn(m, k, device=dense.device, dtype=dense.dtype)
-        t_dense = _time(lambda: F.linear(x, dense), repeats)
-        t_sparse = _time(lambda: _sparse_mm(x, prepared.packed, prepared.meta, None, prepared.backend), repeats)
+        t_dense = cuda_median_ms(lambda: F.linear(x, dense), repeats)
+        t_sparse = cuda_median_ms(lambda: _sparse_mm(x, prepared.packed, prepared.meta, None, prepared.backend), repeats)
         wins.append(t_sparse < t_dense)
     threshold = 2**31 - 1
     for i in range(len(_PROBE_M) - 1, -1, -1):
@@ -167,8 +167,10 @@ def choose_min_sparse_m(prepared: PreparedWeight, k: int, repeats: int = 20) -> 
     return threshold
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
+def cuda_median_ms(fn, repeats: int) -> float:
+    """Median over ``repeats`` of ``fn``'s GPU time in ms (CUDA events), after warm-up calls."""
+    for _ in range(3):
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
