@@ -150,3 +150,36 @@ def test_no_search_uses_initial_theta(tmp_path, llama_dir):
         assert b["search"] is None
         assert all(layer["theta"] == [1.0, 1.0, 0.5] for layer in b["layers"].values())
         assert all(layer["sparsity"] == pytest.approx(0.7, abs=0.02) for layer in b["layers"].values())
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("ria", []), ("sparsegpt", []), ("awp", []), ("awp", ["--awp-init", "bawa", "--no-search"]),
+    ("wanda", ["--reconstruct", "admm"]), ("bawa", ["--reconstruct", "awp", "--no-search"]),
+    ("magnitude", ["--reconstruct", "admm"]),
+])
+@pytest.mark.parametrize("spec", ["2:4", "0.6"])
+def test_reconstruction_methods_end_to_end(method, extra, spec, tmp_path, llama_dir):
+    out = tmp_path / "out"
+    report = _export(llama_dir, out, "--method", method, "--sparsity", spec, "--format", "dense", *extra)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    pattern = SparsityPattern.parse(spec)
+    for b in report["blocks"]:
+        for name, layer in b["layers"].items():
+            err = layer["recon_error"]
+            if "--reconstruct" in extra or method in ("sparsegpt", "awp"):
+                assert err["final"] <= err["masked"] + 1e-9, (name, err)
+            else:
+                assert err["final"] == pytest.approx(err["masked"])
+    w = model.model.layers[1].mlp.down_proj.weight
+    if pattern.is_nm:
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    elif method == "sparsegpt":  # adaptive mask selection: per column block across rows
+        assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+    else:
+        assert ((w == 0).sum(1) >= int(w.shape[1] * 0.6)).all()
+
+
+def test_reconstruct_refused_for_weight_updating_methods(tmp_path, capsys, llama_dir):
+    assert export_main(["--model", str(llama_dir), "--out", str(tmp_path / "o"), "--method", "sparsegpt",
+                        "--reconstruct", "admm", "--calib", str(CALIB_TEXT)]) == 2
+    assert "already updates the weights" in capsys.readouterr().err

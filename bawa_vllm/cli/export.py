@@ -8,7 +8,7 @@ import logging
 
 from ..pruning.engine import ExportConfig, prune_checkpoint
 from ..pruning.masks import SparsityPattern
-from ..pruning.methods import METHODS, make_method
+from ..pruning.methods import METHODS, RECONSTRUCTIONS, make_method
 from ..pruning.search import SearchConfig
 from ._common import run_cli, setup_logging
 
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", choices=METHODS, default="bawa")
     ap.add_argument("--sparsity", default="2:4", help="pruned fraction (0.5, 70%%) or N:M kept (2:4, 4:8)")
     ap.add_argument("--no-search", action="store_true", help="BaWA with the initial Θ = (1, 1, 0.5), no search")
+    ap.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
+                    help="weight update on the chosen masks: ADMM (Boža 2024) or AWP's projected gradient descent")
+    ap.add_argument("--awp-init", choices=("wanda", "bawa"), default="wanda", help="initial mask of --method awp")
+    ap.add_argument("--recon-iters", type=int, default=None,
+                    help="iterations of ADMM (default 20) or of AWP's PGD (default 200)")
     ap.add_argument("--calib", default=None, help=".txt / .jsonl(.gz) file, or a dataset name such as c4")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run():
         cfg, search = config_from_args(args)
-        report = prune_checkpoint(cfg, make_method(args.method, search))
+        report = prune_checkpoint(cfg, make_method(args.method, search, args.reconstruct, args.awp_init,
+                                                   args.recon_iters))
         print(json.dumps({"out": cfg.out, "sparsity": report["sparsity"], "seconds": report["seconds"],
                           "peak_rss_mib": report["peak_rss_mib"]}))
 

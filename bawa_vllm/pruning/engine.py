@@ -25,6 +25,7 @@ from ..modeling.decoder import StreamedDecoder, linear_modules, parse_dtype
 from ..sparse.format import pack_state_dict, quantization_config
 from .masks import SparsityPattern, apply_mask_
 from .methods import BlockJob, PruningMethod
+from .reconstruction import output_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,21 @@ class BlockPruner:
             yield idx[s : s + self.forward_batch].to(self.hidden.device)
 
     @torch.no_grad()
-    def collect(self, layer, i: int, targets: dict) -> dict[str, torch.Tensor]:
-        """Dense forward of every window; returns each target's per-input-channel sum of squares."""
-        sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=self.hidden.device) for n, m in targets.items()}
+    def collect(self, layer, i: int, targets: dict, gram: bool = False) -> tuple[dict, dict | None, int]:
+        """Dense forward of every window; returns each target's per-input-channel sum of squares, its
+        Gram matrix XᵀX if ``gram`` (fp32; one per distinct input, since q/k/v and gate/up share theirs),
+        and the token count."""
+        dev = self.hidden.device
+        sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=dev) for n, m in targets.items()}
+        grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=dev)
+                 for n, m in targets.items()} if gram else None
 
         def hook(name):
             def pre(_module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] += x.pow(2).sum(dim=0)
+                if grams is not None:
+                    grams[name].addmm_(x.T, x)
             return pre
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
@@ -123,7 +131,7 @@ class BlockPruner:
         if self.dense_hidden is not None:
             for b in self._batches(None):
                 self.dense_out[b] = self.dense_hidden[b] = self.decoder.run_block(layer, i, self.dense_hidden[b])
-        return sums
+        return sums, grams, self.hidden.shape[0] * self.hidden.shape[1]
 
     @torch.no_grad()
     def loss(self, layer, i: int, idx: torch.Tensor | None) -> float:
@@ -145,9 +153,9 @@ class BlockPruner:
         return total / tokens
 
 
-def _set_masked(targets: dict, dense: dict, masks: dict) -> None:
+def _set_masked(targets: dict, dense: dict, masks: dict, weights: dict | None = None) -> None:
     for n, m in targets.items():
-        m.weight.data.copy_(dense[n])
+        m.weight.data.copy_(weights[n] if weights else dense[n])
         apply_mask_(m.weight.data, masks[n])
 
 
@@ -247,7 +255,10 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
     modules = linear_modules(layer)
     targets = {n: modules[n] for n in names}
     dense = {n: m.weight.detach().clone() for n, m in targets.items()}
-    act = runner.collect(layer, i, targets) if runner.hidden is not None else {}
+    # XᵀX is always collected with calibration data: reconstruction methods need it, and every method's
+    # report gives the layer-output error ||(W − Ŵ)X||² / ||WX||², which it measures.
+    act, gram, n_tokens = runner.collect(layer, i, targets, gram=True) if runner.hidden is not None \
+        else ({}, None, 0)
 
     def loss(masks, idx):
         _set_masked(targets, dense, masks)
@@ -255,9 +266,11 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
 
     job = BlockJob(index=i, targets=targets, dense=dense, act_sum_sq=act, pattern=cfg.pattern,
                    n_samples=0 if runner.hidden is None else runner.hidden.shape[0],
-                   loss=loss if runner.hidden is not None else None)
+                   loss=loss if runner.hidden is not None else None, gram=gram, n_tokens=n_tokens)
+    t_method = time.time()
     result = method.prune_block(job)
-    _set_masked(targets, dense, result.masks)
+    t_method = time.time() - t_method
+    _set_masked(targets, dense, result.masks, result.weights)
     block_loss = runner.propagate(layer, i) if runner.hidden is not None else None
 
     prefix = decoder.block_prefix(i)
@@ -271,15 +284,20 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
         layers[n] = {"shape": list(w.shape), "sparsity": round(1.0 - w.count_nonzero().item() / w.numel(), 6)}
         if n in result.theta:
             layers[n]["theta"] = result.theta[n]
+        if gram is not None:  # ||(W − Ŵ)X||² / ||WX||²: the mask alone, then the method's weights
+            layers[n]["recon_error"] = {"masked": output_error(dense[n], dense[n].masked_fill(~result.masks[n], 0.0),
+                                                               gram[n]),
+                                        "final": output_error(dense[n], w.detach(), gram[n])}
     entry = {"block": i, "loss": block_loss, "search": result.search, "layers": layers,
-             "seconds": round(time.time() - t0, 3), "rss_mib": round(peak_rss_mib(), 1)}
+             "seconds": round(time.time() - t0, 3), "method_seconds": round(t_method, 3),
+             "rss_mib": round(peak_rss_mib(), 1)}
     if result.search:
         s = result.search
         logger.info("block %d: loss %.5g -> %.5g after search (%d steps), %.1f s",
                     i, s["initial_loss"], s["best_loss"], s["steps"], entry["seconds"])
     else:
         logger.info("block %d: loss %s, %.1f s", i, "n/a" if block_loss is None else f"{block_loss:.5g}", entry["seconds"])
-    del layer, modules, targets, dense, act
+    del layer, modules, targets, dense, act, gram
     return entry
 
 

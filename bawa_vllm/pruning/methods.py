@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .masks import SparsityPattern, keep_mask
-from .metrics import BawaNorms, magnitude_scores, wanda_scores
+from .metrics import BawaNorms, magnitude_scores, ria_scores, wanda_scores
+from .reconstruction import admm_update, awp_pgd, sparsegpt
 from .search import SearchConfig, zeroth_order_search
 
 BAWA_INIT_THETA = (1.0, 1.0, 0.5)
@@ -30,6 +31,8 @@ class BlockJob:
     act_sum_sq: dict[str, torch.Tensor]  # name -> per-input-channel sum of squared inputs (fp32)
     pattern: SparsityPattern
     n_samples: int
+    gram: dict[str, torch.Tensor] | None = None  # name -> XᵀX (fp32), for methods with needs_gram
+    n_tokens: int = 0
     # loss(masks, window indices or None for all) -> block loss with those masks applied
     loss: Callable[[dict[str, torch.Tensor], torch.Tensor | None], float] | None = None
 
@@ -39,11 +42,13 @@ class BlockMasks:
     masks: dict[str, torch.Tensor]
     theta: dict[str, list[float]] = field(default_factory=dict)
     search: dict | None = None  # initial/best loss, epochs, steps
+    weights: dict[str, torch.Tensor] | None = None  # updated (reconstructed) weights, already sparse
 
 
 class PruningMethod(ABC):
     name: str
     needs_calibration: bool = True
+    needs_gram: bool = False  # the engine then accumulates XᵀX per target
 
     @abstractmethod
     def prune_block(self, job: BlockJob) -> BlockMasks: ...
@@ -101,15 +106,106 @@ class Bawa(PruningMethod):
                           info)
 
 
-def make_method(name: str, search: SearchConfig | None = None) -> PruningMethod:
-    """``search`` applies to BaWA only (``None`` = ``--no-search``)."""
+class Ria(PruningMethod):
+    """Relative importance and activations (Zhang et al., 2024), per-row masks."""
+
+    name = "ria"
+
+    def __init__(self, power: float = 0.5):
+        self.power = power
+
+    def prune_block(self, job: BlockJob) -> BlockMasks:
+        return BlockMasks({n: keep_mask(ria_scores(w, job.act_sum_sq[n], self.power), job.pattern, n)
+                           for n, w in job.dense.items()})
+
+
+class SparseGPT(PruningMethod):
+    """OBS prune-and-update (Frantar & Alistarh, 2023): its own masks and weights."""
+
+    name = "sparsegpt"
+    needs_gram = True
+
+    def __init__(self, blocksize: int = 128, damp: float = 0.01):
+        self.blocksize, self.damp = blocksize, damp
+
+    def prune_block(self, job: BlockJob) -> BlockMasks:
+        masks, weights = {}, {}
+        for n, w in job.dense.items():
+            weights[n], masks[n] = sparsegpt(w, job.gram[n], job.pattern, self.blocksize, self.damp)
+        return BlockMasks(masks, weights=weights)
+
+
+class Awp(PruningMethod):
+    """AWP as a pruning method: projected gradient descent onto the sparsity set, from another method's mask."""
+
+    name = "awp"
+    needs_gram = True
+
+    def __init__(self, init: PruningMethod, iters: int = 200, tol: float = 1e-5):
+        self.init, self.iters, self.tol = init, iters, tol
+        self.search = getattr(init, "search", None)
+
+    def prune_block(self, job: BlockJob) -> BlockMasks:
+        start = self.init.prune_block(job)
+        masks, weights = {}, {}
+        for n, w in job.dense.items():
+            weights[n], masks[n] = awp_pgd(w, job.gram[n], job.n_tokens, pattern=job.pattern,
+                                           init=w.masked_fill(~start.masks[n], 0.0), iters=self.iters, tol=self.tol)
+        return BlockMasks(masks, start.theta, start.search, weights)
+
+
+class Reconstructed(PruningMethod):
+    """Any mask method followed by a weight update on its fixed masks (ADMM or AWP's PGD)."""
+
+    needs_gram = True
+
+    def __init__(self, base: PruningMethod, kind: str, iters: int | None = None, **options):
+        if kind not in RECONSTRUCTIONS[1:]:
+            raise ValueError(f"unknown reconstruction {kind!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
+        self.base, self.kind, self.iters, self.options = base, kind, iters, options
+        self.name = f"{base.name}+{kind}"
+        self.search = getattr(base, "search", None)
+
+    def prune_block(self, job: BlockJob) -> BlockMasks:
+        result = self.base.prune_block(job)
+        weights = {}
+        for n, w in job.dense.items():
+            start = result.weights[n] if result.weights else w
+            if self.kind == "admm":
+                kw = {"iters": self.iters} if self.iters is not None else {}
+                weights[n] = admm_update(start, result.masks[n], job.gram[n], **kw, **self.options)
+            else:
+                kw = {"iters": self.iters} if self.iters is not None else {}
+                weights[n], _ = awp_pgd(start, job.gram[n], job.n_tokens, mask=result.masks[n], **kw, **self.options)
+        result.weights = weights
+        return result
+
+
+def make_method(name: str, search: SearchConfig | None = None, reconstruct: str = "none",
+                awp_init: str = "wanda", iters: int | None = None) -> PruningMethod:
+    """``search`` applies to BaWA (``None`` = ``--no-search``); ``reconstruct`` wraps any mask method."""
     if name == "magnitude":
-        return Magnitude()
-    if name == "wanda":
-        return Wanda()
-    if name == "bawa":
-        return Bawa(search)
-    raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
+        method = Magnitude()
+    elif name == "wanda":
+        method = Wanda()
+    elif name == "bawa":
+        method = Bawa(search)
+    elif name == "ria":
+        method = Ria()
+    elif name == "sparsegpt":
+        method = SparseGPT()
+    elif name == "awp":
+        if awp_init not in ("wanda", "bawa"):
+            raise ValueError(f"--awp-init {awp_init!r}: choose wanda or bawa")
+        method = Awp(make_method(awp_init, search), **({"iters": iters} if iters else {}))
+    else:
+        raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
+    if reconstruct != "none":
+        if name in ("sparsegpt", "awp"):
+            raise ValueError(f"--reconstruct applies to mask methods; {name} already updates the weights")
+        method = Reconstructed(method, reconstruct, iters)
+    return method
 
 
-METHODS = ("magnitude", "wanda", "bawa")
+METHODS = ("magnitude", "wanda", "bawa", "ria", "sparsegpt", "awp")
+RECONSTRUCTIONS = ("none", "admm", "awp")

@@ -31,6 +31,14 @@ def wanda_scores(weight: torch.Tensor, act_sum_sq: torch.Tensor) -> torch.Tensor
     return weight.to(METRIC_DTYPE).abs() * act_sum_sq.to(METRIC_DTYPE).sqrt().unsqueeze(0)
 
 
+def ria_scores(weight: torch.Tensor, act_sum_sq: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """RIA (Zhang et al., 2024): (|W|/Σ_col|W| + |W|/Σ_row|W|) · ||X_j||_2^power."""
+    a = weight.to(METRIC_DTYPE).abs()
+    col = a.sum(dim=0, keepdim=True).clamp_min(_TINY)
+    row = a.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    return (a / col + a / row) * act_sum_sq.to(METRIC_DTYPE).sqrt().pow(power).unsqueeze(0)
+
+
 @dataclass
 class BawaNorms:
     """The θ-independent parts of the BaWA metric of one layer, computed once and reused by the search."""
