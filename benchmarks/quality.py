@@ -1,7 +1,8 @@
 """Perplexity of pruning methods side by side, in one run, on a given model and text.
 
-Rows: dense, magnitude, wanda, bawa --no-search, bawa (searched Θ), at each sparsity given
-(default 50 %, 2:4, 4:8). Every pruned model is exported with the real ``bawa-export`` pipeline
+Rows: dense, magnitude, wanda, ria, sparsegpt, bawa --no-search, bawa (searched Θ), bawa+admm,
+bawa+awp (reconstruction on BaWA's masks) and awp (PGD onto the sparsity set from Wanda's masks), at
+each sparsity given (default 50 %, 2:4, 4:8), with the export time of each. Every pruned model is exported with the real ``bawa-export`` pipeline
 into a temporary directory and evaluated with the streamed ``bawa-eval`` perplexity on held-out
 text. Writes ``quality.json``, ``quality.md`` and ``quality.png`` under ``--out``.
 
@@ -27,11 +28,16 @@ from bawa_vllm.pruning.masks import SparsityPattern
 from bawa_vllm.pruning.methods import make_method
 from bawa_vllm.pruning.search import SearchConfig
 
-VARIANTS = [  # (label, method, search?)
-    ("magnitude", "magnitude", False),
-    ("wanda", "wanda", False),
-    ("bawa --no-search", "bawa", False),
-    ("bawa", "bawa", True),
+VARIANTS = [  # (label, method, search?, reconstruction)
+    ("magnitude", "magnitude", False, "none"),
+    ("wanda", "wanda", False, "none"),
+    ("ria", "ria", False, "none"),
+    ("sparsegpt", "sparsegpt", False, "none"),
+    ("bawa --no-search", "bawa", False, "none"),
+    ("bawa", "bawa", True, "none"),
+    ("bawa+admm", "bawa", True, "admm"),
+    ("bawa+awp", "bawa", True, "awp"),
+    ("awp", "awp", False, "none"),
 ]
 
 
@@ -39,18 +45,21 @@ def run(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     windows = evaluation_windows(load_documents(args.eval), tokenizer, args.seqlen, args.max_windows)
     rows = [{"method": "dense", "sparsity": "-", "seconds": 0.0,
-             **streamed_perplexity(args.model, windows, args.device)}]
+             **streamed_perplexity(args.model, windows, args.device, args.eval_dtype)}]
     logging.info("dense: ppl %.3f", rows[0]["perplexity"])
     for spec in args.sparsities:
-        for label, method, search in VARIANTS:
+        for label, method, search, recon in VARIANTS:
+            if args.methods and label not in args.methods:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern.parse(spec),
                                    calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                    device=args.device)
                 t0 = time.time()
-                report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=args.seed) if search else None))
+                report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=args.seed) if search else None,
+                                                           recon))
                 seconds = time.time() - t0
-                ppl = streamed_perplexity(cfg.out, windows, args.device)
+                ppl = streamed_perplexity(cfg.out, windows, args.device, args.eval_dtype)
             rows.append({"method": label, "sparsity": spec, "seconds": round(seconds, 2),
                          "measured_sparsity": report["sparsity"], **ppl})
             logging.info("%s %s: ppl %.3f (%.1f s)", label, spec, ppl["perplexity"], seconds)
@@ -65,8 +74,10 @@ def markdown(result: dict) -> str:
              f"calibration `{result['calib']}`, {result['nsamples']} windows; dense {dense:.3f}.", "",
              "| method | " + " | ".join(specs) + " | export time (s) |",
              "|---|" + "---|" * (len(specs) + 1)]
-    for label, _, _ in VARIANTS:
+    for label, *_ in VARIANTS:
         cells = [r for r in result["rows"] if r["method"] == label]
+        if not cells:
+            continue
         ppl = " | ".join(f"{r['perplexity']:.3f}" for r in cells)
         secs = " / ".join(f"{r['seconds']:.0f}" for r in cells)
         lines.append(f"| {label} | {ppl} | {secs} |")
@@ -80,14 +91,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     specs = list(dict.fromkeys(r["sparsity"] for r in result["rows"] if r["sparsity"] != "-"))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(VARIANTS)
-    for k, (label, _, _) in enumerate(VARIANTS):
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [v[0] for v in VARIANTS if any(r["method"] == v[0] for r in result["rows"])]
+    width = 0.8 / len(labels)
+    for k, label in enumerate(labels):
         vals = [next(r["perplexity"] for r in result["rows"] if r["method"] == label and r["sparsity"] == s)
                 for s in specs]
         ax.bar([i + k * width for i in range(len(specs))], vals, width, label=label)
     ax.axhline(result["rows"][0]["perplexity"], color="k", ls="--", lw=1, label="dense")
-    ax.set_xticks([i + width * (len(VARIANTS) - 1) / 2 for i in range(len(specs))], specs)
+    ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(specs))], specs)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"{Path(result['model']).name}: held-out perplexity by pruning method")
     ax.legend(fontsize=8)
@@ -106,6 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--eval-dtype", default=None, help="perplexity compute dtype (default: the checkpoint's)")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these rows (labels as in the table)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

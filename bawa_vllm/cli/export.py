@@ -10,6 +10,7 @@ from ..pruning.engine import ExportConfig, prune_checkpoint
 from ..pruning.masks import SparsityPattern
 from ..pruning.methods import METHODS, RECONSTRUCTIONS, make_method
 from ..pruning.search import SearchConfig
+from ..pruning.structured import CLI_METHODS, prune_structured
 from ._common import run_cli, setup_logging
 
 logger = logging.getLogger("bawa_vllm.export")
@@ -19,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bawa-export", description=__doc__)
     ap.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (safetensors)")
     ap.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
-    ap.add_argument("--method", choices=METHODS, default="bawa")
+    ap.add_argument("--method", choices=(*METHODS, *CLI_METHODS), default="bawa",
+                    help="unstructured / N:M methods, or structured: llm-bip, structured-magnitude, "
+                         "structured-random (--sparsity is then the fraction of block parameters removed)")
     ap.add_argument("--sparsity", default="2:4", help="pruned fraction (0.5, 70%%) or N:M kept (2:4, 4:8)")
     ap.add_argument("--no-search", action="store_true", help="BaWA with the initial Θ = (1, 1, 0.5), no search")
     ap.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
@@ -81,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run():
         cfg, search = config_from_args(args)
+        if args.method in CLI_METHODS:
+            if cfg.pattern.is_nm:
+                raise ValueError(f"--method {args.method} removes whole heads and channels: give a fraction "
+                                 f"such as 0.2, not {cfg.pattern}")
+            report = prune_structured(cfg, CLI_METHODS[args.method], cfg.pattern.ratio)
+            print(json.dumps({"out": cfg.out, "removed_fraction": report["plan"]["removed_fraction"],
+                              "seconds": report["seconds"]}))
+            return
         report = prune_checkpoint(cfg, make_method(args.method, search, args.reconstruct, args.awp_init,
                                                    args.recon_iters))
         print(json.dumps({"out": cfg.out, "sparsity": report["sparsity"], "seconds": report["seconds"],
