@@ -98,3 +98,29 @@ def test_malformed_packed_checkpoint_fails_at_load(exports, tmp_path, case, edit
     with pytest.raises(ServerFailed) as err:
         VllmServer(bad, tmp_path / f"{case}.log", SERVE_ARGS, env=ENV, timeout=300).start()
     assert message in str(err.value) or message in (tmp_path / f"{case}.log").read_text()
+
+
+def test_structured_pruned_model_serves_like_transformers(tmp_path):
+    """LLM-BIP's output is a plain smaller config: stock vLLM (no plugin involved) matches transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .conftest import REPO
+
+    out = tmp_path / "bip"
+    assert export_main(["--model", str(REPO / "demo/model"), "--out", str(out), "--method", "llm-bip",
+                        "--sparsity", "0.5", "--calib", str(CALIB_TEXT), "--nsamples", "8", "--seqlen", "128",
+                        "--dtype", "float32"]) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with VllmServer(out, tmp_path / "bip.log", [*SERVE_ARGS, "--dtype", "float32"], env=ENV) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        served = [client.completions.create(model=str(out), prompt=p, max_tokens=12, temperature=0.0)
+                  .choices[0].text for p in PROMPTS]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    expected = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        expected.append(tok.decode(gen[0, ids.shape[1]:]))
+    assert served == expected
