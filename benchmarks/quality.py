@@ -27,6 +27,7 @@ from bawa_vllm.pruning.engine import ExportConfig, prune_checkpoint
 from bawa_vllm.pruning.masks import SparsityPattern
 from bawa_vllm.pruning.methods import make_method
 from bawa_vllm.pruning.search import SearchConfig
+from bawa_vllm.pruning.structured import CLI_METHODS, prune_structured
 
 VARIANTS = [  # (label, method, search?, reconstruction)
     ("magnitude", "magnitude", False, "none"),
@@ -47,6 +48,7 @@ def run(args) -> dict:
     rows = [{"method": "dense", "sparsity": "-", "seconds": 0.0,
              **streamed_perplexity(args.model, windows, args.device, args.eval_dtype)}]
     logging.info("dense: ppl %.3f", rows[0]["perplexity"])
+    structured = run_structured(args, windows) if args.structured_ratios else None
     for spec in args.sparsities:
         for label, method, search, recon in VARIANTS:
             if args.methods and label not in args.methods:
@@ -64,7 +66,45 @@ def run(args) -> dict:
                          "measured_sparsity": report["sparsity"], **ppl})
             logging.info("%s %s: ppl %.3f (%.1f s)", label, spec, ppl["perplexity"], seconds)
     return {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
-            "nsamples": args.nsamples, "seed": args.seed, "eval_tokens": rows[0]["tokens"], "rows": rows}
+            "nsamples": args.nsamples, "seed": args.seed, "eval_tokens": rows[0]["tokens"], "rows": rows,
+            "structured": structured}
+
+
+STRUCTURED = ["llm-bip", "structured-magnitude", "structured-random"]
+
+
+def run_structured(args, windows) -> dict:
+    """LLM-BIP against its baselines: perplexity and parameter counts at each structured ratio."""
+    rows = []
+    for ratio in args.structured_ratios:
+        for label in STRUCTURED:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern(ratio),
+                                   calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                   device=args.device)
+                t0 = time.time()
+                report = prune_structured(cfg, CLI_METHODS[label], ratio)
+                seconds = time.time() - t0
+                ppl = streamed_perplexity(cfg.out, windows, args.device, args.eval_dtype)
+            rows.append({"method": label, "ratio": ratio, "seconds": round(seconds, 2),
+                         "params_before": report["params_before"], "params_after": report["params_after"],
+                         "removed_fraction": report["plan"]["removed_fraction"],
+                         "heads": report["plan"]["keep_heads_per_group"] * report["plan"]["kv_heads"],
+                         "intermediate": report["plan"]["keep_intermediate"], **ppl})
+            logging.info("%s %g: ppl %.3f", label, ratio, ppl["perplexity"])
+    return {"model": args.model, "eval": args.eval, "rows": rows}
+
+
+def structured_markdown(result: dict, dense_ppl: float) -> str:
+    lines = [f"Structured pruning of `{result['model']}`, perplexity on `{result['eval']}` (dense {dense_ppl:.3f}); "
+             "parameters of the decoder blocks' linears.", "",
+             "| method | ratio | removed | heads | intermediate | block-linear params | perplexity | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['removed_fraction']:.3f} | {r['heads']} | "
+                     f"{r['intermediate']} | {r['params_before']:,} → {r['params_after']:,} | {r['perplexity']:.3f} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
@@ -112,7 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--eval", required=True, help="held-out text (not the calibration text)")
-    ap.add_argument("--sparsities", nargs="+", default=["0.5", "2:4", "4:8"])
+    ap.add_argument("--sparsities", nargs="*", default=["0.5", "2:4", "4:8"])
+    ap.add_argument("--structured-ratios", type=float, nargs="*", default=[],
+                    help="also compare LLM-BIP with structured magnitude and random at these ratios (e.g. 0.2 0.5)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=None)
@@ -126,9 +168,12 @@ def main(argv=None) -> None:
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
+    table = markdown(result) if args.sparsities else ""
+    if result["structured"]:
+        table += "\n" + structured_markdown(result["structured"], result["rows"][0]["perplexity"])
     (args.out / "quality.md").write_text(table)
-    plot(result, args.out / "quality.png")
+    if args.sparsities:
+        plot(result, args.out / "quality.png")
     print(table)
 
 

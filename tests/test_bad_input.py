@@ -102,7 +102,8 @@ def test_existing_out_refused_then_overwritten(tmp_path, capsys, llama_dir):
     assert not (out / "keep.txt").exists() and (out / "bawa_report.json").exists()
 
 
-def test_failure_mid_run_leaves_nothing(tmp_path, llama_dir, monkeypatch):
+def test_failure_mid_run_leaves_no_output_and_resumes(tmp_path, llama_dir, monkeypatch):
+    """An interrupted run leaves no OUT, only its progress in .OUT.partial, which --resume finishes."""
     calls = {"n": 0}
     real = engine._prune_block
 
@@ -116,7 +117,21 @@ def test_failure_mid_run_leaves_nothing(tmp_path, llama_dir, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         _run(llama_dir, out, "--method", "wanda")
-    _assert_clean(tmp_path, out)
+    assert not out.exists() and (tmp_path / ".out.partial" / "progress.json").exists()
+    monkeypatch.setattr(engine, "_prune_block", real)
+    assert _run(llama_dir, out, "--method", "bawa", "--resume") == 2  # other arguments: refused, partial kept
+    assert _run(llama_dir, out, "--method", "wanda", "--resume") == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert not (out / "progress.json").exists() and not (out / "calibration_state.safetensors").exists()
+    assert _run(llama_dir, tmp_path / "ref", "--method", "wanda") == 0
+    for f in sorted(p.name for p in (tmp_path / "ref").iterdir()):
+        if f != "bawa_report.json":  # the report holds timings
+            assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
+def test_resume_without_partial(tmp_path, capsys, llama_dir):
+    assert _run(llama_dir, tmp_path / "out", "--method", "wanda", "--resume") == 2
+    assert "no unfinished export" in capsys.readouterr().err
 
 
 def test_jsonl_gz_calibration(tmp_path, llama_dir):

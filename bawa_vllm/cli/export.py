@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore", default="lm_head",
                     help="comma-separated modules to leave dense: full names, dotted suffixes or globs")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted export of --out from its last finished block (same arguments)")
     ap.add_argument("--format", choices=("auto", "packed", "dense"), default="auto",
                     help="packed: 2:4-packed values + metadata for the vLLM plugin (default for 2:4); "
                          "dense: masked dense weights that any loader reads")
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExportConfig, SearchConf
         seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
         ignore=[p.strip() for p in args.ignore.split(",") if p.strip()], overwrite=args.overwrite,
         forward_batch=args.forward_batch, format=args.format, loss_target=args.search_target,
-        compute_dtype=args.compute_dtype,
+        compute_dtype=args.compute_dtype, resume=args.resume,
     )
     search = None if args.no_search else SearchConfig(
         epochs=args.search_epochs, batch_size=args.search_batch, lr=args.search_lr, eps=args.search_eps,

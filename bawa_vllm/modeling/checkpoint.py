@@ -81,19 +81,57 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in self.read(self.keys(prefix)).items()}
 
 
-class CheckpointWriter:
-    """Writes shards and the index into a temporary directory that becomes ``out`` on ``commit``."""
+PROGRESS_FILE = "progress.json"
 
-    def __init__(self, out: str | os.PathLike, num_shards: int, overwrite: bool = False):
+
+class CheckpointWriter:
+    """Writes shards and the index into a temporary directory that becomes ``out`` on ``commit``.
+
+    With ``resumable``, the directory is ``.<out>.partial`` next to ``out``: :meth:`save_progress`
+    records what is finished after each step, a failed run keeps it once there is progress to keep,
+    and ``resume=True`` continues from it.
+    """
+
+    def __init__(self, out: str | os.PathLike, num_shards: int, overwrite: bool = False, resumable: bool = False,
+                 resume: bool = False):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"output {self.out} already exists; pass --overwrite to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.num_shards = num_shards
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._next = 1
+        self.progress: dict | None = None
+        self.resumable = resumable or resume
+        if not self.resumable:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            return
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        state = self.tmp / PROGRESS_FILE
+        if resume and state.is_file():
+            saved = json.loads(state.read_text())
+            self.weight_map, self.total_size, self._next = saved["weight_map"], saved["total_size"], saved["next"]
+            self.progress = saved["progress"]
+            for stray in self.tmp.glob("model-*.safetensors"):  # a shard written after the last checkpoint
+                if stray.name not in set(self.weight_map.values()):
+                    stray.unlink()
+            return
+        if resume:
+            raise FileNotFoundError(f"--resume: no unfinished export of {self.out} to resume ({self.tmp} not found)")
+        if self.tmp.exists():
+            logger.info("discarding the unfinished export %s (pass --resume to continue it instead)", self.tmp)
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+
+    def save_progress(self, progress: dict) -> None:
+        """Record the finished shards and ``progress`` atomically (written last, after the data it names)."""
+        self.progress = progress
+        state = {"weight_map": self.weight_map, "total_size": self.total_size, "next": self._next,
+                 "progress": progress}
+        part = self.tmp / f"{PROGRESS_FILE}.tmp"
+        part.write_text(json.dumps(state))
+        os.replace(part, self.tmp / PROGRESS_FILE)
 
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> str:
         fname = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
@@ -122,6 +160,7 @@ class CheckpointWriter:
             INDEX_FILE,
             {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
         )
+        (self.tmp / PROGRESS_FILE).unlink(missing_ok=True)
         self.tmp.chmod(0o755)
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -133,4 +172,9 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
+        """Remove the temporary directory, unless it holds progress that ``--resume`` can continue."""
+        if self.resumable and self.progress and self.progress.get("blocks_done", 0) > 0:
+            logger.warning("export interrupted: %d blocks done are kept in %s; rerun with --resume to continue",
+                           self.progress["blocks_done"], self.tmp)
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -11,12 +11,16 @@ states and the dense block outputs are ever in memory.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..calibration import calibration_windows, load_documents
@@ -49,6 +53,7 @@ class ExportConfig:
     forward_batch: int = 8  # calibration windows per block forward
     format: str = "auto"  # packed (2:4 only), dense, or auto = packed for 2:4
     loss_target: str = "model"  # what the block loss compares with: see BlockPruner
+    resume: bool = False  # continue the unfinished export of `out` from its last finished block
     compute_dtype: str | None = None  # default: float32 on CPU (bf16 matmuls are slow there), else the output dtype
 
     def __post_init__(self):
@@ -96,6 +101,27 @@ class BlockPruner:
         if target not in LOSS_TARGETS:
             raise ValueError(f"loss target {target!r}: choose one of {', '.join(LOSS_TARGETS)}")
         self.dense_hidden = hidden.clone() if target == "model" and hidden is not None else None
+
+    def save(self, path: Path) -> None:
+        """The calibration hidden states (the next block's inputs), written atomically."""
+        if self.hidden is None:
+            return
+        tensors = {"hidden": self.hidden.contiguous()}
+        if self.dense_hidden is not None:
+            tensors["dense_hidden"] = self.dense_hidden.contiguous()
+        part = path.with_name(path.name + ".tmp")
+        save_file({k: v.cpu() for k, v in tensors.items()}, part)
+        os.replace(part, path)
+
+    @classmethod
+    def restore(cls, decoder: StreamedDecoder, path: Path, forward_batch: int, target: str) -> BlockPruner:
+        if not path.exists():
+            return cls(decoder, None, forward_batch, target)
+        state = load_file(path, device=str(decoder.device))
+        runner = cls(decoder, state["hidden"], forward_batch, target)
+        if runner.dense_hidden is not None:
+            runner.dense_hidden = state["dense_hidden"]
+        return runner
 
     def _batches(self, idx: torch.Tensor | None):
         n = self.hidden.shape[0]
@@ -153,6 +179,17 @@ class BlockPruner:
         return total / tokens
 
 
+_STATE_FILE = "calibration_state.safetensors"
+
+
+def _fingerprint(cfg: ExportConfig, method: PruningMethod) -> dict:
+    """Everything that decides the output bytes: a resumed run must match it exactly."""
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resume")}
+    args["pattern"] = str(cfg.pattern)
+    search = getattr(method, "search", None)
+    return json.loads(json.dumps({**args, "method": method.name, "search": asdict(search) if search else None}))
+
+
 def _set_masked(targets: dict, dense: dict, masks: dict, weights: dict | None = None) -> None:
     for n, m in targets.items():
         m.weight.data.copy_(weights[n] if weights else dense[n])
@@ -192,26 +229,44 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
     if method.needs_calibration and not cfg.calib:
         raise ValueError(f"--method {method.name} needs calibration text: pass --calib FILE or a dataset name")
 
-    writer = CheckpointWriter(cfg.out, num_shards=decoder.num_layers + 1, overwrite=cfg.overwrite)
+    writer = CheckpointWriter(cfg.out, num_shards=decoder.num_layers + 1, overwrite=cfg.overwrite,
+                              resumable=True, resume=cfg.resume)
+    fingerprint = _fingerprint(cfg, method)
     try:
-        hidden = None
-        if cfg.calib:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path)
-            ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-            logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
-            hidden = decoder.embed(ids)
+        progress = writer.progress
+        if progress is not None and progress["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if fingerprint[k] != progress["fingerprint"].get(k))
+            raise ValueError(f"--resume: the unfinished export in {writer.tmp} was made with other arguments "
+                             f"({', '.join(changed)}); rerun without --resume to start over")
         searching = getattr(method, "search", None) is not None
-        runner = BlockPruner(decoder, hidden, cfg.forward_batch, cfg.loss_target if searching else "block")
+        target = cfg.loss_target if searching else "block"
+        if progress is not None:
+            logger.info("resuming %s after block %d", cfg.out, progress["blocks_done"] - 1)
+            runner = BlockPruner.restore(decoder, writer.tmp / _STATE_FILE, cfg.forward_batch, target)
+        else:
+            hidden = None
+            if cfg.calib:
+                from transformers import AutoTokenizer
 
-        non_block = decoder.ckpt.read(decoder.non_block_keys())
-        writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in non_block.items()})
-        del non_block
+                tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path)
+                ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+                logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
+                hidden = decoder.embed(ids)
+            runner = BlockPruner(decoder, hidden, cfg.forward_batch, target)
+            non_block = decoder.ckpt.read(decoder.non_block_keys())
+            writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in non_block.items()})
+            del non_block
+            progress = {"fingerprint": fingerprint, "blocks_done": 0, "blocks": []}
+            runner.save(writer.tmp / _STATE_FILE)
+            writer.save_progress(progress)
 
-        blocks = []
-        for i in tqdm(range(decoder.num_layers), desc=f"prune {method.name} {cfg.pattern}", disable=None):
+        blocks = progress["blocks"]
+        for i in tqdm(range(progress["blocks_done"], decoder.num_layers), desc=f"prune {method.name} {cfg.pattern}",
+                      disable=None, initial=progress["blocks_done"], total=decoder.num_layers):
             blocks.append(_prune_block(decoder, runner, method, cfg, i, targets_of[i], writer))
+            runner.save(writer.tmp / _STATE_FILE)  # the next block's inputs, then the record that names them
+            writer.save_progress({**progress, "blocks_done": i + 1, "blocks": blocks})
+        (writer.tmp / _STATE_FILE).unlink(missing_ok=True)
 
         writer.copy_side_files(decoder.ckpt.path)
         config = decoder.ckpt.config_dict()
