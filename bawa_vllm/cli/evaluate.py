@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     def run():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
         windows = evaluation_windows(load_documents(args.data), tokenizer, args.seqlen, args.max_windows)
         result = {"model": args.model, "data": args.data,
                   **streamed_perplexity(args.model, windows, args.device, args.dtype, args.batch_size)}

@@ -28,6 +28,14 @@ INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
+def _open(path: Path):
+    """``safe_open`` with a clear error for a truncated or corrupt file (no pickle is ever involved)."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError and OSError alike
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
 class Checkpoint:
     """A local checkpoint directory: its config and a map from tensor name to shard file."""
 
@@ -43,11 +51,19 @@ class Checkpoint:
         # Same precedence as transformers' from_pretrained: a single file beats an index.
         single = self.path / SINGLE_FILE
         if single.is_file():
-            with safe_open(single, framework="pt") as f:
+            with _open(single) as f:
                 return {k: SINGLE_FILE for k in f.keys()}
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' of tensor -> file)") from None
+            escaping = [f for f in set(weight_map.values()) if Path(f).name != f]
+            if escaping:
+                raise ValueError(f"{index}: shard names must be plain file names in the directory, got {escaping[0]!r}")
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
                 raise FileNotFoundError(f"{self.path}: shard files named by {INDEX_FILE} are missing: {missing}")
@@ -57,10 +73,26 @@ class Checkpoint:
         )
 
     def config_dict(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.path / 'config.json'} is not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{self.path / 'config.json'}: expected a JSON object")
+        return config
 
     def keys(self, prefix: str = "") -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
+
+    def open(self, fname: str):
+        """A short-lived ``safe_open`` of one shard (use it as a context manager)."""
+        return _open(self.path / fname)
+
+    def header(self, key: str) -> tuple[str, list[int]]:
+        """(dtype code such as ``"BF16"``, shape) of a tensor, from the file header alone."""
+        with self.open(self.weight_map[key]) as f:
+            s = f.get_slice(key)
+            return s.get_dtype(), s.get_shape()
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, on CPU, in their stored dtype; each shard opened once and closed."""
@@ -71,9 +103,12 @@ class Checkpoint:
             by_file.setdefault(self.weight_map[key], []).append(key)
         out: dict[str, torch.Tensor] = {}
         for fname, names in by_file.items():
-            with safe_open(self.path / fname, framework="pt", device="cpu") as f:
+            with _open(self.path / fname) as f:
                 for name in names:
-                    out[name] = f.get_tensor(name)
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except Exception as err:  # safetensors raises its own error types on corrupt data
+                        raise ValueError(f"{self.path / fname}: cannot read tensor {name!r}: {err}") from None
         return out
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:

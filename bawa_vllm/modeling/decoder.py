@@ -14,6 +14,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -52,7 +53,12 @@ class StreamedDecoder:
                 f"{self.ckpt.path}: unsupported architecture model_type={model_type!r}; "
                 f"supported are {', '.join(SUPPORTED_MODEL_TYPES)} (Llama, Mistral, Qwen2)"
             )
-        self.config = AutoConfig.from_pretrained(self.ckpt.path, attn_implementation="sdpa")
+        # never run code from the checkpoint (auto_map): only the built-in classes of the supported types
+        try:
+            self.config = AutoConfig.from_pretrained(self.ckpt.path, attn_implementation="sdpa",
+                                                     trust_remote_code=False)
+        except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+            raise ValueError(f"{self.ckpt.path / 'config.json'}: invalid {model_type} config: {err}") from None
         self.device = torch.device(device)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self.config)
@@ -71,10 +77,7 @@ class StreamedDecoder:
 
     @cached_property
     def stored_dtype(self) -> torch.dtype:
-        from safetensors import safe_open
-
-        with safe_open(self.ckpt.path / self.ckpt.weight_map[self.embed_key], framework="pt") as f:
-            code = f.get_slice(self.embed_key).get_dtype()
+        code, _ = self.ckpt.header(self.embed_key)
         if code not in _STORED_DTYPES:
             raise ValueError(f"{self.ckpt.path}: unsupported stored dtype {code} for {self.embed_key}")
         return _STORED_DTYPES[code]

@@ -196,15 +196,18 @@ def _set_masked(targets: dict, dense: dict, masks: dict, weights: dict | None = 
         apply_mask_(m.weight.data, masks[n])
 
 
-def check_shapes(decoder: StreamedDecoder, target_names: list[str], pattern: SparsityPattern) -> None:
-    """Fail before any work if an N:M group does not divide a target's input dimension."""
-    from safetensors import safe_open
-
-    ckpt = decoder.ckpt
-    for key in target_names:
+def check_shapes(decoder: StreamedDecoder, expected: dict[str, list[int]], pattern: SparsityPattern) -> None:
+    """Fail before any work if a target's stored dtype or shape is not what the config implies, or if an
+    N:M group does not divide its input dimension (headers only; no tensor data is read)."""
+    for key, want in expected.items():
         wkey = f"{key}.weight"
-        with safe_open(ckpt.path / ckpt.weight_map[wkey], framework="pt") as f:
-            shape = f.get_slice(wkey).get_shape()
+        if wkey not in decoder.ckpt.weight_map:
+            raise ValueError(f"{decoder.ckpt.path}: tensor {wkey} is missing from the checkpoint")
+        dtype, shape = decoder.ckpt.header(wkey)
+        if dtype not in ("F32", "BF16", "F16"):
+            raise ValueError(f"{decoder.ckpt.path}: {wkey} is stored as {dtype}, not a float32/bf16/fp16 weight")
+        if shape != want:
+            raise ValueError(f"{decoder.ckpt.path}: {wkey} has shape {shape}, but the config implies {want}")
         pattern.check_shape(shape[1], wkey)
 
 
@@ -219,13 +222,16 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
     del probe_decoder
     with torch.device("meta"):
         probe = decoder._layer_cls(decoder.config, layer_idx=0)
-    block_linears = list(linear_modules(probe))
-    del probe
+    linears = linear_modules(probe)
+    block_linears = list(linears)
+    shapes = {n: list(m.weight.shape) for n, m in linears.items()}
+    del probe, linears
     targets_of = {
         i: [n for n in block_linears if not is_ignored(f"{decoder.block_prefix(i)}{n}", cfg.ignore)]
         for i in range(decoder.num_layers)
     }
-    check_shapes(decoder, [f"{decoder.block_prefix(i)}{n}" for i, ns in targets_of.items() for n in ns], cfg.pattern)
+    check_shapes(decoder, {f"{decoder.block_prefix(i)}{n}": shapes[n] for i, ns in targets_of.items() for n in ns},
+                 cfg.pattern)
     if method.needs_calibration and not cfg.calib:
         raise ValueError(f"--method {method.name} needs calibration text: pass --calib FILE or a dataset name")
 
@@ -248,7 +254,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             if cfg.calib:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path)
+                tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path, trust_remote_code=False)
                 ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
                 logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
                 hidden = decoder.embed(ids)

@@ -107,7 +107,7 @@ def prune_structured(cfg: ExportConfig, method: str, ratio: float) -> dict:
         if cfg.calib:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(decoder.ckpt.path)
+            tok = AutoTokenizer.from_pretrained(decoder.ckpt.path, trust_remote_code=False)
             ids = calibration_windows(load_documents(cfg.calib), tok, cfg.nsamples, cfg.seqlen, cfg.seed)
             hidden = decoder.embed(ids)
         runner = BlockPruner(decoder, hidden, cfg.forward_batch)

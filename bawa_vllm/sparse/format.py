@@ -149,8 +149,6 @@ def check_checkpoint_headers(path) -> int:
 
     Returns the number of packed linears; raises :class:`PackedFormatError` naming the first bad tensor.
     """
-    from safetensors import safe_open
-
     from ..modeling.checkpoint import Checkpoint
 
     ckpt = Checkpoint(path)
@@ -160,7 +158,7 @@ def check_checkpoint_headers(path) -> int:
         if key.endswith(("." + VALUES_SUFFIX, "." + META_SUFFIX)):
             by_file.setdefault(fname, []).append(key)
     for fname, keys in by_file.items():
-        with safe_open(ckpt.path / fname, framework="pt") as f:
+        with ckpt.open(fname) as f:
             present = set(f.keys())
             for key in keys:
                 if key not in present:
