@@ -55,8 +55,28 @@ def _serve(model, log, extra=()):
         return _answers(server)
 
 
+def _absurd_requests_are_refused(server: VllmServer) -> None:
+    """vLLM refuses absurd parameters (4xx); the plugin must not add a way to crash the server."""
+    import urllib.error
+    import urllib.request
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    for kwargs in ({"max_tokens": 10**9}, {"max_tokens": -5}, {"temperature": -3.0}, {"logprobs": 10**6},
+                   {"prompt": [10**9, 10**9 + 1]}, {"prompt": "x" * 10_000}):
+        params = {"model": model, "prompt": "Hello", "max_tokens": 4, **kwargs}
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(**params)
+        assert 400 <= err.value.status_code < 500, (kwargs, err.value)
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        assert r.status == 200
+    assert client.completions.create(model=model, prompt="Hello", max_tokens=4).choices[0].text is not None
+
+
 def test_packed_serves_like_dense_masked(exports, tmp_path):
-    packed = _serve(exports["packed"], tmp_path / "packed.log")
+    with VllmServer(exports["packed"], tmp_path / "packed.log", SERVE_ARGS, env=ENV) as server:
+        packed = _answers(server)
+        _absurd_requests_are_refused(server)
     dense = _serve(exports["dense"], tmp_path / "dense.log")
     assert packed == dense
     assert all(len(tokens) == 12 for tokens in packed["completions"])
