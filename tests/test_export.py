@@ -183,3 +183,31 @@ def test_reconstruct_refused_for_weight_updating_methods(tmp_path, capsys, llama
     assert export_main(["--model", str(llama_dir), "--out", str(tmp_path / "o"), "--method", "sparsegpt",
                         "--reconstruct", "admm", "--calib", str(CALIB_TEXT)]) == 2
     assert "already updates the weights" in capsys.readouterr().err
+
+
+def test_shared_inputs_share_statistics(llama_dir):
+    """q/k/v (and gate/up) see one input tensor: one XᵀX for them, equal to the direct computation."""
+    from bawa_vllm.modeling.decoder import StreamedDecoder, linear_modules
+    from bawa_vllm.pruning.engine import BlockPruner
+
+    dec = StreamedDecoder(llama_dir)
+    hidden = dec.embed(torch.randint(3, 512, (3, 10), generator=torch.Generator().manual_seed(0)))
+    layer = dec.load_block(0)
+    targets = linear_modules(layer)
+    inputs = {}
+
+    def keep(name, args):
+        inputs[name] = args[0].reshape(-1, args[0].shape[-1])  # returns None: the input is left as it is
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: keep(n, a)) for n, m in targets.items()]
+    with torch.no_grad():
+        dec.run_block(layer, 0, hidden)
+    for h in hooks:
+        h.remove()
+    sums, grams, n_tokens = BlockPruner(dec, hidden, forward_batch=3).collect(layer, 0, targets, gram=True)
+    assert n_tokens == 30
+    assert grams["self_attn.k_proj"] is grams["self_attn.q_proj"] is grams["self_attn.v_proj"]
+    assert grams["mlp.up_proj"] is grams["mlp.gate_proj"] and grams["mlp.down_proj"] is not grams["mlp.up_proj"]
+    for n, x in inputs.items():
+        torch.testing.assert_close(grams[n], x.float().T @ x.float())
+        torch.testing.assert_close(sums[n], x.float().pow(2).sum(0))

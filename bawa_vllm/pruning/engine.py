@@ -135,47 +135,62 @@ class BlockPruner:
         Gram matrix XᵀX if ``gram`` (fp32; one per distinct input, since q/k/v and gate/up share theirs),
         and the token count."""
         dev = self.hidden.device
-        sums = {n: torch.zeros(m.in_features, dtype=torch.float32, device=dev) for n, m in targets.items()}
-        grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=dev)
-                 for n, m in targets.items()} if gram else None
+        sums: dict[str, torch.Tensor] = {}
+        grams: dict[str, torch.Tensor] | None = {} if gram else None
+        owner: dict[str, str] = {}  # target -> the target whose statistics it shares (the same input tensor)
+        last: dict = {"x": None, "owner": None}
 
-        def hook(name):
+        def hook(name, features):
             def pre(_module, args):
+                if name not in owner:  # decided on the first batch: q/k/v and gate/up get one tensor object
+                    owner[name] = last["owner"] if args[0] is last["x"] else name
+                    if owner[name] == name:
+                        sums[name] = torch.zeros(features, dtype=torch.float32, device=dev)
+                        if grams is not None:
+                            grams[name] = torch.zeros(features, features, dtype=torch.float32, device=dev)
+                last["x"], last["owner"] = args[0], owner[name]
+                if owner[name] != name:
+                    return
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] += x.pow(2).sum(dim=0)
                 if grams is not None:
                     grams[name].addmm_(x.T, x)
             return pre
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+        handles = [m.register_forward_pre_hook(hook(n, m.in_features)) for n, m in targets.items()]
         try:
             for b in self._batches(None):
                 self.dense_out[b] = self.decoder.run_block(layer, i, self.hidden[b])
         finally:
             for h in handles:
                 h.remove()
+            last.clear()
+        for name, src in owner.items():  # shared inputs share one (read-only) statistics tensor
+            sums[name] = sums[src]
+            if grams is not None:
+                grams[name] = grams[src]
         if self.dense_hidden is not None:
             for b in self._batches(None):
                 self.dense_out[b] = self.dense_hidden[b] = self.decoder.run_block(layer, i, self.dense_hidden[b])
         return sums, grams, self.hidden.shape[0] * self.hidden.shape[1]
 
-    @torch.no_grad()
     def loss(self, layer, i: int, idx: torch.Tensor | None) -> float:
-        total, tokens = 0.0, 0
-        for b in self._batches(idx):
-            t, n = block_loss_terms(self.dense_out[b], self.decoder.run_block(layer, i, self.hidden[b]))
-            total, tokens = total + t, tokens + n
-        return total / tokens
+        """The block loss of the windows ``idx`` (None: all) with the layer's current weights."""
+        return self._run(layer, i, idx, write_back=False)
 
-    @torch.no_grad()
     def propagate(self, layer, i: int) -> float:
         """Pruned forward: the outputs become the next block's inputs; returns the block loss."""
+        return self._run(layer, i, None, write_back=True)
+
+    @torch.no_grad()
+    def _run(self, layer, i: int, idx: torch.Tensor | None, write_back: bool) -> float:
         total, tokens = 0.0, 0
-        for b in self._batches(None):
+        for b in self._batches(idx):
             out = self.decoder.run_block(layer, i, self.hidden[b])
             t, n = block_loss_terms(self.dense_out[b], out)
             total, tokens = total + t, tokens + n
-            self.hidden[b] = out
+            if write_back:
+                self.hidden[b] = out
         return total / tokens
 
 
@@ -211,15 +226,39 @@ def check_shapes(decoder: StreamedDecoder, expected: dict[str, list[int]], patte
         pattern.check_shape(shape[1], wkey)
 
 
+def open_decoder(cfg: ExportConfig) -> tuple[StreamedDecoder, torch.dtype]:
+    """The streamed model in its compute dtype, and the output dtype (``--dtype``, default the checkpoint's).
+
+    Compute defaults to float32 on CPU (bf16 matmuls are several times slower there), else the output dtype.
+    """
+    decoder = StreamedDecoder(cfg.model, device=cfg.device)
+    out_dtype = parse_dtype(cfg.dtype) or decoder.stored_dtype
+    decoder.dtype = parse_dtype(cfg.compute_dtype) or (torch.float32 if decoder.device.type == "cpu" else out_dtype)
+    return decoder, out_dtype
+
+
+def calibration_hidden(decoder: StreamedDecoder, cfg: ExportConfig) -> torch.Tensor | None:
+    """Block 0's inputs for the calibration windows, or None without ``--calib``."""
+    if not cfg.calib:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path, trust_remote_code=False)
+    ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
+    return decoder.embed(ids)
+
+
+def write_non_block(decoder: StreamedDecoder, writer: CheckpointWriter, out_dtype: torch.dtype) -> None:
+    """Embeddings, final norm and head (whatever is outside the blocks), cast to the output dtype, as one shard."""
+    tensors = decoder.ckpt.read(decoder.non_block_keys())
+    writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+
+
 def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
     """Prune ``cfg.model`` into ``cfg.out`` (dense, +0.0 at pruned weights); returns the report."""
     t_start = time.time()
-    probe_decoder = StreamedDecoder(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    out_dtype = probe_decoder.dtype
-    compute = parse_dtype(cfg.compute_dtype) or (torch.float32 if torch.device(cfg.device).type == "cpu" else out_dtype)
-    decoder = probe_decoder if compute == out_dtype else StreamedDecoder(cfg.model, dtype=compute, device=cfg.device)
-    decoder.out_dtype = out_dtype
-    del probe_decoder
+    decoder, out_dtype = open_decoder(cfg)
     with torch.device("meta"):
         probe = decoder._layer_cls(decoder.config, layer_idx=0)
     linears = linear_modules(probe)
@@ -250,18 +289,8 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             logger.info("resuming %s after block %d", cfg.out, progress["blocks_done"] - 1)
             runner = BlockPruner.restore(decoder, writer.tmp / _STATE_FILE, cfg.forward_batch, target)
         else:
-            hidden = None
-            if cfg.calib:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(decoder.ckpt.path, trust_remote_code=False)
-                ids = calibration_windows(load_documents(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-                logger.info("calibration: %d windows of %d tokens from %s", ids.shape[0], ids.shape[1], cfg.calib)
-                hidden = decoder.embed(ids)
-            runner = BlockPruner(decoder, hidden, cfg.forward_batch, target)
-            non_block = decoder.ckpt.read(decoder.non_block_keys())
-            writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in non_block.items()})
-            del non_block
+            runner = BlockPruner(decoder, calibration_hidden(decoder, cfg), cfg.forward_batch, target)
+            write_non_block(decoder, writer, out_dtype)
             progress = {"fingerprint": fingerprint, "blocks_done": 0, "blocks": []}
             runner.save(writer.tmp / _STATE_FILE)
             writer.save_progress(progress)
@@ -269,7 +298,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
         blocks = progress["blocks"]
         for i in tqdm(range(progress["blocks_done"], decoder.num_layers), desc=f"prune {method.name} {cfg.pattern}",
                       disable=None, initial=progress["blocks_done"], total=decoder.num_layers):
-            blocks.append(_prune_block(decoder, runner, method, cfg, i, targets_of[i], writer))
+            blocks.append(_prune_block(decoder, runner, method, cfg, i, targets_of[i], writer, out_dtype))
             runner.save(writer.tmp / _STATE_FILE)  # the next block's inputs, then the record that names them
             writer.save_progress({**progress, "blocks_done": i + 1, "blocks": blocks})
         (writer.tmp / _STATE_FILE).unlink(missing_ok=True)
@@ -310,7 +339,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
 
 
 def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: ExportConfig, i: int,
-                 names: list[str], writer: CheckpointWriter) -> dict:
+                 names: list[str], writer: CheckpointWriter, out_dtype: torch.dtype) -> dict:
     t0 = time.time()
     layer = decoder.load_block(i)
     modules = linear_modules(layer)
@@ -335,7 +364,7 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
     block_loss = runner.propagate(layer, i) if runner.hidden is not None else None
 
     prefix = decoder.block_prefix(i)
-    state = {k: v.to(decoder.out_dtype) for k, v in layer.state_dict().items()}
+    state = {k: v.to(out_dtype) for k, v in layer.state_dict().items()}
     if cfg.packed:
         state = pack_state_dict(state, names)
     writer.write_shard({f"{prefix}{k}": v for k, v in state.items()})

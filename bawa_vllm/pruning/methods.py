@@ -169,14 +169,13 @@ class Reconstructed(PruningMethod):
     def prune_block(self, job: BlockJob) -> BlockMasks:
         result = self.base.prune_block(job)
         weights = {}
+        kw = {**({"iters": self.iters} if self.iters is not None else {}), **self.options}
         for n, w in job.dense.items():
             start = result.weights[n] if result.weights else w
             if self.kind == "admm":
-                kw = {"iters": self.iters} if self.iters is not None else {}
-                weights[n] = admm_update(start, result.masks[n], job.gram[n], **kw, **self.options)
+                weights[n] = admm_update(start, result.masks[n], job.gram[n], **kw)
             else:
-                kw = {"iters": self.iters} if self.iters is not None else {}
-                weights[n], _ = awp_pgd(start, job.gram[n], job.n_tokens, mask=result.masks[n], **kw, **self.options)
+                weights[n], _ = awp_pgd(start, job.gram[n], job.n_tokens, mask=result.masks[n], **kw)
         result.weights = weights
         return result
 

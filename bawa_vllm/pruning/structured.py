@@ -28,10 +28,17 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..calibration import calibration_windows, load_documents
 from ..modeling.checkpoint import CheckpointWriter
-from ..modeling.decoder import StreamedDecoder
-from .engine import _DTYPE_NAMES, BlockPruner, ExportConfig, _version, peak_rss_mib
+from .engine import (
+    _DTYPE_NAMES,
+    BlockPruner,
+    ExportConfig,
+    _version,
+    calibration_hidden,
+    open_decoder,
+    peak_rss_mib,
+    write_non_block,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,26 +101,15 @@ def prune_structured(cfg: ExportConfig, method: str, ratio: float) -> dict:
     if not 0 < ratio < 1:
         raise ValueError(f"structured ratio {ratio}: must lie strictly between 0 and 1")
     t_start = time.time()
-    decoder = StreamedDecoder(cfg.model, dtype=cfg.compute_dtype or (torch.float32 if cfg.device == "cpu" else cfg.dtype),
-                              device=cfg.device)
-    out_dtype = StreamedDecoder(cfg.model, dtype=cfg.dtype).dtype
+    decoder, out_dtype = open_decoder(cfg)
     plan = plan_counts(decoder.config, ratio)
-    if method != "random" and not cfg.calib and method == "llm-bip":
+    if method == "llm-bip" and not cfg.calib:
         raise ValueError("--method llm-bip needs calibration text: pass --calib FILE or a dataset name")
     writer = CheckpointWriter(cfg.out, num_shards=decoder.num_layers + 1, overwrite=cfg.overwrite)
     gen = torch.Generator().manual_seed(cfg.seed)
     try:
-        hidden = None
-        if cfg.calib:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(decoder.ckpt.path, trust_remote_code=False)
-            ids = calibration_windows(load_documents(cfg.calib), tok, cfg.nsamples, cfg.seqlen, cfg.seed)
-            hidden = decoder.embed(ids)
-        runner = BlockPruner(decoder, hidden, cfg.forward_batch)
-        non_block = decoder.ckpt.read(decoder.non_block_keys())
-        writer.write_shard({k: v.to(out_dtype) if v.is_floating_point() else v for k, v in non_block.items()})
-        del non_block
+        runner = BlockPruner(decoder, calibration_hidden(decoder, cfg), cfg.forward_batch)
+        write_non_block(decoder, writer, out_dtype)
         blocks = [_prune_block(decoder, runner, method, plan, i, writer, out_dtype, gen)
                   for i in tqdm(range(decoder.num_layers), desc=f"{method} structured {ratio:g}", disable=None)]
         writer.copy_side_files(decoder.ckpt.path)
@@ -173,7 +169,7 @@ def _prune_block(decoder, runner, method, plan, i, writer, out_dtype, gen) -> di
     o.masked_fill_(~o_keep.unsqueeze(0), 0.0)
     down.masked_fill_(~d_keep.unsqueeze(0), 0.0)
     loss = runner.propagate(layer, i) if runner.hidden is not None else None
-    state = {k: v for k, v in layer.state_dict().items()}
+    state = dict(layer.state_dict())
     state["self_attn.q_proj.weight"] = state["self_attn.q_proj.weight"][rows]
     if "self_attn.q_proj.bias" in state:
         state["self_attn.q_proj.bias"] = state["self_attn.q_proj.bias"][rows]

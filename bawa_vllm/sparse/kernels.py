@@ -204,4 +204,4 @@ def prepare(dense: torch.Tensor, name: str = "layer") -> PreparedWeight:
 
 
 def backend_name(code: int) -> str:
-    return {DENSE: "dense", CUSPARSELT: "cusparselt", CUTLASS: "cutlass"}[code]
+    return next(name for name, c in _CODE.items() if c == code)
