@@ -56,8 +56,35 @@ def test_identities(spec):
                            keep_mask(wanda_scores(w, act), pattern))
 
 
-def test_zero_column_is_finite():
-    w, x = _data()
+@pytest.mark.parametrize("theta", [(1.0, 1.0, 0.5), (1.1, 1.0, 0.5), (2.0, 1.0, 0.5), (3.0, 1.0, 0.5),
+                                   (1.0, 1.1, 0.5), (1.0, 2.0, 0.5), (1.0, 3.0, 0.5), (3.0, 3.0, 2.0)])
+def test_zero_column_and_row_score_lowest(theta):
+    """An all-zero input column (and output row) scores 0 at every Θ, never NaN, and 2:4 never keeps it.
+
+    θ > 1 is where a norm clamped to the smallest float overflowed to inf, and 0 · inf = NaN then
+    sorted above every real weight; the search starts at θ = 1 and steps past it.
+    """
+    w, x = _data(rows=8, cols=8)
     w[:, 2] = 0
-    s = bawa_scores(w, x.pow(2).sum(0), (1, 1, 0.5))
-    assert not torch.isnan(s).any()
+    w[5, :] = 0
+    s = bawa_scores(w, x.pow(2).sum(0), theta)
+    assert torch.isfinite(s).all()
+    assert (s[:, 2] == 0).all() and (s[5] == 0).all()
+    live = torch.ones_like(w, dtype=torch.bool)
+    live[:, 2] = live[5] = False
+    assert (s[live] > 0).all()
+    keep = keep_mask(s, SparsityPattern.parse("2:4"))
+    # in the rows with weights, the zero column's group keeps two of its three real weights
+    assert not keep[live.any(1), 2].any()
+
+
+def test_dead_input_channel_scores_lowest():
+    """A channel with all-zero activations scores 0, even where its tiny column norm overflows to inf at
+    θ_in = 2 (inf · 0 would be NaN); θ_act = 0 ignores X and stays magnitude."""
+    w, x = _data()
+    w[:, 1] = 1e-20
+    x[:, 1] = 0
+    act = x.pow(2).sum(0)
+    s = bawa_scores(w, act, (2.0, 1.0, 0.5))
+    assert (s[:, 1] == 0).all() and (s[:, [0, *range(2, 8)]] > 0).all()
+    assert torch.equal(bawa_scores(w, act, (0, 0, 0))[:, 1], 2 * w[:, 1].abs())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 METRIC_DTYPE = torch.float32
-# Norms are clamped here before a negative power so that an all-zero channel scores +inf, not NaN.
+# RIA's sums are clamped here before dividing, so that an all-zero channel gives 0 / tiny = 0, not NaN.
 _TINY = torch.finfo(METRIC_DTYPE).tiny
 
 
@@ -59,16 +59,18 @@ class BawaNorms:
         )
 
     def scores(self, theta_in: float, theta_out: float, theta_act: float) -> torch.Tensor:
-        col = _power(self.col_norm, -theta_in).unsqueeze(0)
-        row = _power(self.row_norm, -theta_out).unsqueeze(1)
-        act = _power(self.act_norm, theta_act).unsqueeze(0)
-        return self.abs_weight * (col + row) * act
+        """S at Θ; a weight that is zero, or whose input channel's activation factor is zero, scores 0.
 
-
-def _power(norm: torch.Tensor, exponent: float) -> torch.Tensor:
-    if exponent < 0:
-        norm = norm.clamp_min(_TINY)
-    return norm.pow(exponent)
+        A zero column or row norm raised to a negative power is +inf (so is a tiny one: clamping the norm
+        to the smallest float only moved the overflow to θ > 1), and IEEE 0 · inf is NaN, which
+        ``keep_mask`` ranks above every number, so a zero column was kept in every N:M group. A zero
+        weight, or one on a dead input channel, costs nothing to prune: its product is read as 0, the
+        lowest score, for every Θ. Nonzero weights keep the literal product (+inf at worst, never NaN).
+        """
+        col = self.col_norm.pow(-theta_in).unsqueeze(0)
+        row = self.row_norm.pow(-theta_out).unsqueeze(1)
+        act = self.act_norm.pow(theta_act).unsqueeze(0)
+        return (self.abs_weight * (col + row) * act).masked_fill((self.abs_weight == 0) | (act == 0), 0.0)
 
 
 def bawa_scores(weight: torch.Tensor, act_sum_sq: torch.Tensor, theta: tuple[float, float, float]) -> torch.Tensor:
