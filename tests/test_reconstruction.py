@@ -27,14 +27,21 @@ def _wanda_mask(w, gram, spec):
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4", "0.7"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_reconstruction_never_increases_error(spec, seed):
+def test_reconstruction_closes_the_gap_to_the_optimum(spec, seed):
+    """At their default iteration counts ADMM and PGD close >= 90 % of the gap between the mask alone and
+    the exact fixed-mask optimum (measured: ADMM within 1.1 % of the optimum, PGD at it; the optimum is
+    0.46-0.76 of the mask-only error here). "No worse than the mask" would not do: the methods' own
+    safety net returns the masked weight whenever their result is worse, so that holds for any result.
+    """
     w, x, gram = _layer(seed=seed)
     mask = _wanda_mask(w, gram, spec)
     masked = output_error(w, w * mask, gram)
+    best = output_error(w, least_squares_on_mask(w, mask, gram), gram)
+    assert best < 0.8 * masked
     admm = admm_update(w, mask, gram)
     pgd, _ = awp_pgd(w, gram, x.shape[0], mask=mask)
     for result in (admm, pgd):
-        assert output_error(w, result, gram) <= masked
+        assert output_error(w, result, gram) <= best + 0.1 * (masked - best)
         assert bool(((result != 0) <= mask).all())  # stays on the mask
 
 
