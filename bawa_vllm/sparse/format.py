@@ -19,6 +19,8 @@ re-prunes.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 FORMAT_NAME = "2of4-rowpacked"
@@ -76,16 +78,46 @@ def pack_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, t
     return values.contiguous(), meta.contiguous()
 
 
+# Rows per pass of the unpack/validate loops: every transient is bounded by this many bytes, not by N × K
+# (a 70B gate_up at TP=1 is 57344 × 8192; int64 positions of it were 5 GB).
+_CHUNK_BYTES = 1 << 26
+
+
+def _row_chunks(n: int, bytes_per_row: int):
+    """``(start, stop)`` row ranges whose transients stay under ``_CHUNK_BYTES``."""
+    rows = max(1, _CHUNK_BYTES // max(1, bytes_per_row))
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def _nibbles(meta: torch.Tensor) -> torch.Tensor:
+    """The group nibbles ``[rows, K/4]`` (uint8) of ``meta [rows, K/8]``: even group from the low nibble."""
+    return torch.stack((meta & 0xF, meta >> 4), dim=-1).reshape(meta.shape[0], -1)
+
+
 def positions(meta: torch.Tensor) -> torch.Tensor:
-    """The kept positions ``[N, K/4, 2]`` (int64) encoded in ``meta [N, K/8]``."""
-    m = meta.to(torch.int64)
-    nibbles = torch.stack((m & 0xF, m >> 4), dim=-1).reshape(meta.shape[0], -1)  # [N, K/4]
+    """The kept positions ``[N, K/4, 2]`` (uint8, ``p0`` then ``p1``) encoded in ``meta [N, K/8]``."""
+    nibbles = _nibbles(meta)
     return torch.stack((nibbles & 3, nibbles >> 2), dim=-1)
 
 
-def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str = "weight",
-                 shape: tuple[int, int] | None = None) -> None:
-    """Shapes and dtypes agree with each other (and with the dense ``shape``), and every nibble is valid."""
+def first_bad_meta(meta: torch.Tensor) -> tuple[int, int] | None:
+    """(row, group) of the first nibble with ``p0 >= p1``, or None; uint8 work in row chunks, one pass.
+
+    The search stays in uint8/bool tensors of at most ``_CHUNK_BYTES`` (no int64 index tensor: a zeroed
+    ``weight_meta``, e.g. from ``--load-format dummy``, would make ``nonzero`` list every group).
+    """
+    groups = 2 * meta.shape[1]
+    for start, stop in _row_chunks(meta.shape[0], 6 * meta.shape[1]):
+        nibbles = _nibbles(meta[start:stop])
+        bad = (nibbles & 3) >= (nibbles >> 2)
+        if bool(bad.any()):
+            flat = int(bad.reshape(-1).to(torch.uint8).argmax())  # the first maximum: row-major order
+            return start + flat // groups, flat % groups
+    return None
+
+
+def _check_shapes(values: torch.Tensor, meta: torch.Tensor, name: str, shape: tuple[int, int] | None) -> None:
     if meta.dtype != torch.uint8:
         raise PackedFormatError(f"{name}.{META_SUFFIX}: expected dtype uint8, got {meta.dtype}")
     if values.dim() != 2 or meta.dim() != 2:
@@ -97,20 +129,60 @@ def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str = "weight",
                                 f"{(n, half_k // 4)} for {VALUES_SUFFIX} of shape {tuple(values.shape)}")
     if shape is not None and (n, 2 * half_k) != tuple(shape):
         raise PackedFormatError(f"{name}: packed shape {(n, 2 * half_k)} does not match the layer's {tuple(shape)}")
-    pos = positions(meta)
-    bad = (pos[..., 0] >= pos[..., 1]).nonzero()
-    if bad.numel():
-        row, group = int(bad[0, 0]), int(bad[0, 1])
-        raise PackedFormatError(f"{name}: {META_SUFFIX} row {row}, group {group} has invalid positions "
-                                f"{pos[row, group].tolist()} (need p0 < p1)")
 
 
-def unpack_24(values: torch.Tensor, meta: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """The dense ``[N, K]`` weight (zeros elsewhere, +0.0) from its packed form."""
-    check_packed(values, meta, name)
+def _raise_bad_group(meta: torch.Tensor, name: str, row: int, group: int) -> NoReturn:
+    nibble = (int(meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
+    raise PackedFormatError(f"{name}: {META_SUFFIX} row {row}, group {group} has invalid positions "
+                            f"{[nibble & 3, nibble >> 2]} (need p0 < p1)")
+
+
+def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str = "weight",
+                 shape: tuple[int, int] | None = None) -> None:
+    """Shapes and dtypes agree with each other (and with the dense ``shape``), and every nibble is valid."""
+    _check_shapes(values, meta, name, shape)
+    bad = first_bad_meta(meta)
+    if bad is not None:
+        _raise_bad_group(meta, name, *bad)
+
+
+def check_packed_shards(values: torch.Tensor, meta: torch.Tensor, name: str, shape: tuple[int, int] | None,
+                        shards: list[tuple[str, int, int]]) -> None:
+    """:func:`check_packed` of a fused layer in one pass over its metadata, naming the shard of a bad row.
+
+    ``shards`` are ``(label, first row, rows)`` of the logical matrices fused into the layer (q/k/v,
+    gate/up); a bad group is reported as ``check_packed(values[rows], meta[rows], label)`` would report
+    it, with the row counted from the shard's start. Rows outside every shard are named after ``name``.
+    """
+    _check_shapes(values, meta, name, shape)
+    bad = first_bad_meta(meta)
+    if bad is None:
+        return
+    row, group = bad
+    for label, start, rows in shards:
+        if start <= row < start + rows:
+            _raise_bad_group(meta[start : start + rows], label, row - start, group)
+    _raise_bad_group(meta, name, row, group)
+
+
+def unpack_24(values: torch.Tensor, meta: torch.Tensor, name: str = "weight", validate: bool = True) -> torch.Tensor:
+    """The dense ``[N, K]`` weight (zeros elsewhere, +0.0) from its packed form.
+
+    Built in row chunks with uint8 positions and selects (no int64 scatter index), straight into the
+    output. ``validate=False`` skips :func:`check_packed` for callers that already ran it on this layer.
+    """
+    if validate:
+        check_packed(values, meta, name)
     n, half_k = values.shape
-    dense = torch.zeros(n, half_k // 2, GROUP, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, positions(meta).to(values.device), values.reshape(n, half_k // 2, KEPT))
+    dense = torch.empty(n, half_k // 2, GROUP, dtype=values.dtype, device=values.device)
+    column = torch.arange(GROUP, dtype=torch.uint8, device=values.device)
+    meta = meta.to(values.device)
+    for start, stop in _row_chunks(n, 8 * half_k * values.element_size()):
+        nibbles = _nibbles(meta[start:stop]).unsqueeze(-1)  # [rows, K/4, 1]
+        pair = values[start:stop].reshape(stop - start, half_k // 2, KEPT)
+        # nested selects keep each value's bits (a kept -0.0 stays -0.0); +0.0 at the two other columns
+        torch.where((nibbles & 3) == column, pair[..., :1],
+                    torch.where((nibbles >> 2) == column, pair[..., 1:], 0), out=dense[start:stop])
     return dense.reshape(n, 2 * half_k)
 
 
