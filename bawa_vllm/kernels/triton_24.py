@@ -115,12 +115,13 @@ def _dense_tile(v_ptr, m_ptr, offs_n, n_mask, k0, stride_vn, stride_mn, K,
 def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_vn, stride_mn,
                  stride_os, steps_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``out[s, m, n] = sum over split s's columns of W[n, k] x[m, k]`` for ``M <= BLOCK_M <= 4``.
 
     Reads ``BLOCK_N`` rows × ``BLOCK_K/2`` values per step, gathers ``x`` at the decoded columns, keeps a
-    ``[BLOCK_N, BLOCK_K/2, BLOCK_M]`` fp32 accumulator and reduces it once at the end. With ``SPLIT == 1``
-    it writes the final output (bias added, cast); else fp32 partials for :func:`_splitk_reduce_kernel`.
+    ``[BLOCK_N, BLOCK_K/2, BLOCK_M]`` fp32 accumulator and reduces it once at the end. Without K splits it
+    writes the final output (bias added, cast); with them (``PARTIAL``) fp32 partials for
+    :func:`_splitk_reduce_kernel`. The split count is a runtime value: one compiled kernel serves them all.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -150,7 +151,7 @@ def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
     y = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * N + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -162,11 +163,11 @@ def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
 def _dot_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_vn, stride_mn,
                 stride_os, steps_per_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, F32_DOT: tl.constexpr):
+                PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr, F32_DOT: tl.constexpr):
     """``x Wᵀ`` by ``[BLOCK_M, BLOCK_N]`` output tiles: decompress each weight tile, then ``tl.dot``.
 
     Tile order is grouped by ``GROUP_M`` rows of tiles (the weight tiles stay in L2 across them); the
-    grid's second axis splits K (``SPLIT > 1``: fp32 partials, see :func:`_gemv_kernel`). ``F32_DOT``: the
+    grid's second axis splits K (``PARTIAL``: fp32 partials, see :func:`_gemv_kernel`). ``F32_DOT``: the
     operands are multiplied in full fp32 (fp32 weights: not TF32; see :func:`triton_linear` for bf16).
     """
     pid = tl.program_id(0)
@@ -200,7 +201,7 @@ def _dot_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
             acc = tl.dot(x, tl.trans(w), acc)
     out_ptrs = out_ptr + pid_s * stride_os + rows[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -209,13 +210,13 @@ def _dot_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
 
 
 @triton.jit
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     """``out = sum_s part[s] (+ bias)``, in split order (deterministic), cast to the output dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     y = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(split):
         y += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -293,7 +294,7 @@ def triton_linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     args = (x2, values, meta, bias_arg, target, m, n, k, x2.stride(0), x2.stride(1), values.stride(0),
             meta.stride(0), m * n, steps)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SPLIT=split,
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PARTIAL=split > 1,
                   HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     if m <= GEMV_MAX_M:
         _gemv_kernel[(tiles, split)](*args, **common)
@@ -304,7 +305,7 @@ def triton_linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
         _dot_kernel[(tiles, split)](*args, GROUP_M=8, F32_DOT=f32_dot, **common)
     if split > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](target, bias_arg, out, m * n, n, SPLIT=split,
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](target, bias_arg, out, m * n, n, split,
                                                              HAS_BIAS=bias is not None, BLOCK=block)
     return out
 
