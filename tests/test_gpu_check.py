@@ -61,4 +61,6 @@ def test_dry_run(tmp_path):
         assert not checked["cusparselt", dtype]["ran"]  # no CUDA here: reported, not faked
     assert {r["path"]: r["held_over_dense"] for r in result["memory"]}["triton"] == 0.5625
     assert {r["M"] for r in result["timings"]} == set(_gpu_check().DRY_M_VALUES)
+    assert {(r["shape"], r["M"]) for r in result["decode_kernels"]} == {
+        (name, m) for name, *_ in _gpu_check().DRY_SHAPES for m in (1, 2, 4)}
     assert "Speed-up over dense" in out.with_suffix(".md").read_text()

@@ -16,11 +16,13 @@ Needs torch with CUDA, triton and (for the prefill columns) cuSPARSELt; no vLLM,
 4. Timing, bf16, Llama-3-8B and Llama-2-70B linear shapes whole (TP=1) and as TP=8 slices, M in
    {1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192}: dense ``F.linear`` (cuBLAS), Triton, cuSPARSELt; each
    captured in a CUDA graph, L2 flushed before every replay, median of ``--repeats`` (CUDA events).
-5. The cuSPARSELt crossover for this GPU's architecture: per shape the smallest M from which cuSPARSELt
+5. Decode kernels compared: at M = 1, 2, 4 the gather GEMV (what runs) against the decompress + ``tl.dot``
+   kernel with M padded to 16, so that ``GEMV_MAX_M`` in ``triton_24.py`` can be set from measurements.
+6. The cuSPARSELt crossover for this GPU's architecture: per shape the smallest M from which cuSPARSELt
    beats the Triton kernel at every larger M measured; the architecture's value is the median over shapes.
    The line to paste into ``bawa_vllm/kernels/triton_24.py`` (``CUSPARSELT_MIN_M``) is printed.
 
-``--dry-run`` runs 1-5 on CPU tensors under the Triton interpreter with tiny shapes (CUDA graphs and
+``--dry-run`` runs 1-6 on CPU tensors under the Triton interpreter with tiny shapes (CUDA graphs and
 cuSPARSELt reported as not run, timings from a wall clock, not a speed): CI runs it so that this script
 cannot rot. Its figures say nothing about GPU speed.
 """
@@ -266,6 +268,30 @@ def timings(env: Env, log) -> list[dict]:
     return rows
 
 
+def decode_kernels(env: Env) -> list[dict]:
+    """Median ms of the gather GEMV and of the tl.dot kernel (M padded to 16) at decode sizes, per shape."""
+    torch = env.torch
+    from bawa_vllm.kernels import triton_24
+
+    dtype = torch.bfloat16
+    shapes = DRY_SHAPES if env.dry else linear_shapes(1) + linear_shapes(8)
+    rows = []
+    for name, tp, n, k in shapes:
+        p = prepared(env, env.sparse_weight(n, k, dtype, seed=4), "triton")
+        for m in (1, 2, 4):
+            x = torch.randn(m, k, device=env.device, dtype=dtype)
+            row = {"shape": name, "tp": tp, "M": m, "gemv_ms": env.time_ms(lambda: p(x))}
+            saved = triton_24.GEMV_MAX_M
+            triton_24.GEMV_MAX_M = 0  # every M through the tl.dot kernel
+            try:
+                row["dot_ms"] = env.time_ms(lambda: p(x))
+            finally:
+                triton_24.GEMV_MAX_M = saved
+            rows.append(row)
+        del p
+    return rows
+
+
 def crossover(rows: list[dict]) -> dict:
     """Per shape: the smallest M from which cuSPARSELt beats Triton at every larger measured M (None: never);
     the architecture's value: the median over shapes, "never" counted as above every M."""
@@ -312,6 +338,10 @@ def markdown(result: dict) -> str:
         plugin = r["cusparselt_ms"] if cut is not None and r["M"] >= cut else r["triton_ms"]
         lines.append(f"| {r['shape']} | {r['tp']} | {r['M']} | {r['dense_ms']:.4f} | {ratio(r['triton_ms'])} | "
                      f"{ratio(r['cusparselt_ms'])} | {ratio(plugin)} |")
+    lines += ["", "## Decode kernels (ms): gather GEMV (used for M <= GEMV_MAX_M) vs decompress + tl.dot", "",
+              "| shape | TP | M | GEMV | tl.dot (M padded to 16) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['tp']} | {r['M']} | {r['gemv_ms']:.4f} | {r['dot_ms']:.4f} |"
+              for r in result["decode_kernels"]]
     if not result["crossover"]["per_shape"]:
         lines += ["", f"## cuSPARSELt crossover for {result['arch']}: not measured (cuSPARSELt did not run)"]
     else:
@@ -357,6 +387,8 @@ def main(argv=None) -> int:
     log("timings")
     result["timings"] = timings(env, log)
     result["crossover"] = crossover(result["timings"])
+    log("decode kernels")
+    result["decode_kernels"] = decode_kernels(env)
     result["seconds"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2, default=str))

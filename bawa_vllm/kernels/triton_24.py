@@ -58,7 +58,7 @@ PREFILL_MIN_M_ENV = "BAWA_SPARSE_PREFILL_MIN_M"
 CUSPARSELT_MIN_M: dict[str, int] = {}
 DEFAULT_CUSPARSELT_MIN_M = 1024
 
-GEMV_MAX_M = 4  # up to here the gather GEMV; above, the decompress + tl.dot kernel
+GEMV_MAX_M = 4  # up to here the gather GEMV, above it tl.dot (tools/gpu_check.py times both at M <= 4)
 # The tl.dot kernel's tiles by M range: (max M, name, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
 # split-K allowed). Fixed here rather than autotuned (see the module docstring); tools/gpu_check.py times them.
 DOT_TILES = (
@@ -136,14 +136,20 @@ def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
     step_end = tl.minimum((pid_s + 1) * steps_per_split, tl.cdiv(K, BLOCK_K))
     for step in range(pid_s * steps_per_split, step_end):
         offs_v = step * (BLOCK_K // 2) + j
+        offs_b = step * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
         v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :]
-        b_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_v[None, :] // 4
+        b_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :]
         if EVEN_K:
             w_mask = n_mask[:, None]
+            b_mask = n_mask[:, None]
         else:
             w_mask = n_mask[:, None] & (offs_v[None, :] < K // 2)
+            b_mask = n_mask[:, None] & (offs_b[None, :] < K // 8)
         v = tl.load(v_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptrs, mask=w_mask, other=0).to(tl.int32)
+        # the metadata bytes load contiguously; each is then repeated for its 4 values in registers
+        b4 = tl.load(b_ptrs, mask=b_mask, other=0)
+        b = tl.reshape(tl.broadcast_to(b4[:, :, None], (BLOCK_N, BLOCK_K // 8, 4)), (BLOCK_N, BLOCK_K // 2))
+        b = b.to(tl.int32)
         cols = step * BLOCK_K + base_col[None, :] + ((b >> shift[None, :]) & 3)  # [BLOCK_N, BLOCK_K/2]
         x_ptrs = x_ptr + offs_m[None, None, :] * stride_xm + cols[:, :, None] * stride_xk
         xg = tl.load(x_ptrs, mask=w_mask[:, :, None] & m_mask[None, None, :], other=0.0).to(tl.float32)
