@@ -23,7 +23,8 @@ def _gpu_check():
 
 
 def _rows(shape: str, times: dict[int, tuple[float, float]]) -> list[dict]:
-    return [{"shape": shape, "tp": 1, "M": m, "triton_ms": t, "cusparselt_ms": c} for m, (t, c) in times.items()]
+    return [{"shape": shape, "tp": 1, "M": m, "triton_ms": t, "cusparselt_ms": c}
+            for m, (t, c) in times.items()]
 
 
 def test_crossover_rule():

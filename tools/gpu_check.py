@@ -1,7 +1,7 @@
-"""GPU check of the bawa-sparse kernels: one command for the day a CUDA machine is lent (≈ 5 min on one H200).
+"""GPU check of the bawa-sparse kernels: one command for the day a CUDA machine is lent (one H200: minutes).
 
     python tools/gpu_check.py --out gpu_check          # writes gpu_check.json and gpu_check.md, prints both
-    python tools/gpu_check.py --dry-run --out /tmp/gc  # CPU, TRITON_INTERPRET=1, tiny shapes: the same code paths
+    python tools/gpu_check.py --dry-run --out /tmp/gc  # CPU, TRITON_INTERPRET=1, tiny shapes: same code paths
 
 Needs torch with CUDA, triton and (for the prefill columns) cuSPARSELt; no vLLM, no network. It runs:
 
@@ -83,7 +83,7 @@ class Env:
         return (w * keep.reshape(n, k)).to(dtype)
 
     def time_ms(self, fn) -> float:
-        """Median ms of ``fn``: on GPU a CUDA graph of one call, L2 flushed before each replay, CUDA events."""
+        """Median ms of ``fn``: on GPU a CUDA graph of one call, L2 flushed before each replay, events."""
         torch = self.torch
         if self.dry:
             fn()
@@ -169,7 +169,8 @@ def correctness(env: Env) -> list[dict]:
                 strides_ok &= y.shape == (m, n) and y.is_contiguous()
                 err = ((y.float() - ref).abs() / (ulp * ref.abs() + 1e-3 * ref.abs().max())).max()
                 worst = max(worst, float(err))
-            row.update(max_err_over_bound=round(worst, 3), ok=worst <= 1.0 and strides_ok, row_major=strides_ok)
+            row.update(max_err_over_bound=round(worst, 3), ok=worst <= 1.0 and strides_ok,
+                       row_major=strides_ok)
             row.update(compile_and_graph(env, p, k, dtype))
             rows.append(row)
     return rows
@@ -231,12 +232,14 @@ def memory(env: Env) -> list[dict]:
             os.environ.pop(triton_24.PREFILL_ENV, None)
         del values, meta
         held = sum(t.numel() * t.element_size() for t in p.tensors().values())
-        row = {"path": backend, "shape": [n, k], "ran": ran(p, backend), "held_over_dense": round(held / dense_bytes, 4),
-               "limit": limit, "ok": held / dense_bytes <= limit}
+        row = {"path": backend, "shape": [n, k], "ran": ran(p, backend),
+               "held_over_dense": round(held / dense_bytes, 4), "limit": limit,
+               "ok": held / dense_bytes <= limit}
         if not env.dry:
             torch.cuda.synchronize()
-            row["allocated_growth_over_dense"] = round((torch.cuda.memory_allocated() - before) / dense_bytes, 4)
-            row["peak_during_prepare_over_dense"] = round((torch.cuda.max_memory_allocated() - before) / dense_bytes, 4)
+            growth, peak = torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
+            row["allocated_growth_over_dense"] = round(growth / dense_bytes, 4)
+            row["peak_during_prepare_over_dense"] = round(peak / dense_bytes, 4)
         rows.append(row)
         del p
     return rows
@@ -251,16 +254,19 @@ def timings(env: Env, log) -> list[dict]:
     rows = []
     for name, tp, n, k in shapes:
         w = env.sparse_weight(n, k, dtype, seed=3)
-        paths = {"triton": prepared(env, w, "triton"), "cusparselt": prepared(env, w, "cusparselt", prefill_min_m=0)}
+        paths = {"triton": prepared(env, w, "triton"),
+                 "cusparselt": prepared(env, w, "cusparselt", prefill_min_m=0)}
         if not ran(paths["cusparselt"], "cusparselt"):
             del paths["cusparselt"]
         for m in DRY_M_VALUES if env.dry else M_VALUES:
             x = torch.randn(m, k, device=env.device, dtype=dtype)
-            row = {"shape": name, "tp": tp, "N": n, "K": k, "M": m, "dense_ms": env.time_ms(lambda: F.linear(x, w))}
+            row = {"shape": name, "tp": tp, "N": n, "K": k, "M": m,
+                   "dense_ms": env.time_ms(lambda w=w, x=x: F.linear(x, w))}
             for path in ("triton", "cusparselt"):
-                row[f"{path}_ms"] = env.time_ms(lambda p=paths[path]: p(x)) if path in paths else None
+                row[f"{path}_ms"] = env.time_ms(lambda p=paths[path], x=x: p(x)) if path in paths else None
             rows.append(row)
-            log(f"  {name:22s} TP={tp} M={m:5d}  dense {row['dense_ms']:.4f} ms  triton {row['triton_ms']:.4f} ms"
+            log(f"  {name:22s} TP={tp} M={m:5d}  dense {row['dense_ms']:.4f} ms  "
+                f"triton {row['triton_ms']:.4f} ms"
                 + (f"  cusparselt {row['cusparselt_ms']:.4f} ms" if row["cusparselt_ms"] is not None else ""))
         del w, paths
         if not env.dry:
@@ -280,11 +286,11 @@ def decode_kernels(env: Env) -> list[dict]:
         p = prepared(env, env.sparse_weight(n, k, dtype, seed=4), "triton")
         for m in (1, 2, 4):
             x = torch.randn(m, k, device=env.device, dtype=dtype)
-            row = {"shape": name, "tp": tp, "M": m, "gemv_ms": env.time_ms(lambda: p(x))}
+            row = {"shape": name, "tp": tp, "M": m, "gemv_ms": env.time_ms(lambda p=p, x=x: p(x))}
             saved = triton_24.GEMV_MAX_M
             triton_24.GEMV_MAX_M = 0  # every M through the tl.dot kernel
             try:
-                row["dot_ms"] = env.time_ms(lambda: p(x))
+                row["dot_ms"] = env.time_ms(lambda p=p, x=x: p(x))
             finally:
                 triton_24.GEMV_MAX_M = saved
             rows.append(row)
@@ -316,27 +322,33 @@ def crossover(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# bawa-sparse GPU check: {result['device']} ({result['arch']})", "",
              f"torch {result['torch']}, triton {result['triton']}, cuSPARSELt {result['cusparselt']}; "
-             f"{result['seconds']:.0f} s" + ("; **dry run on CPU (Triton interpreter): not a speed**" if result["dry_run"]
-                                              else ""), "",
+             f"{result['seconds']:.0f} s"
+             + ("; **dry run on CPU (Triton interpreter): not a speed**" if result["dry_run"] else ""), "",
              "## Correctness (error / bound: ≤ 1 passes; bound = 1 ulp of the output + 1e-3 · max|ref|)", "",
-             "| path | dtype | ran | err/bound | row-major | torch.compile | CUDA graph | ok |", "|---|---|---|---|---|---|---|---|"]
+             "| path | dtype | ran | err/bound | row-major | torch.compile | CUDA graph | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["correctness"]:
-        lines.append(f"| {r['path']} | {r['dtype']} | {r['ran']} | {r.get('max_err_over_bound')} | {r.get('row_major')} | "
+        lines.append(f"| {r['path']} | {r['dtype']} | {r['ran']} | {r.get('max_err_over_bound')} | "
+                     f"{r.get('row_major')} | "
                      f"{r.get('compile_ok')} | {r.get('graph_ok')} | {r.get('ok')} |")
     lines += ["", "## Bytes per layer (over the dense weight's)", "",
-              "| path | shape | held | allocator growth | peak during prepare | limit | ok |", "|---|---|---|---|---|---|---|"]
+              "| path | shape | held | allocator growth | peak during prepare | limit | ok |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["memory"]:
-        lines.append(f"| {r['path']} | {r['shape']} | {r['held_over_dense']} | {r.get('allocated_growth_over_dense')} | "
+        lines.append(f"| {r['path']} | {r['shape']} | {r['held_over_dense']} | "
+                     f"{r.get('allocated_growth_over_dense')} | "
                      f"{r.get('peak_during_prepare_over_dense')} | {r['limit']} | {r['ok']} |")
     lines += ["", "## Speed-up over dense (dense ms / path ms; > 1 is faster), bf16", "",
               f"Targets: {TARGETS}.", "",
-              "| shape | TP | M | dense ms | Triton | cuSPARSELt | plugin (with crossover) |", "|---|---|---|---|---|---|---|"]
+              "| shape | TP | M | dense ms | Triton | cuSPARSELt | plugin (with crossover) |",
+              "|---|---|---|---|---|---|---|"]
     cut = result["crossover"]["min_m"]
     for r in result["timings"]:
         def ratio(ms):
             return "n/a" if ms is None else f"{r['dense_ms'] / ms:.2f}x"
         plugin = r["cusparselt_ms"] if cut is not None and r["M"] >= cut else r["triton_ms"]
-        lines.append(f"| {r['shape']} | {r['tp']} | {r['M']} | {r['dense_ms']:.4f} | {ratio(r['triton_ms'])} | "
+        lines.append(f"| {r['shape']} | {r['tp']} | {r['M']} | {r['dense_ms']:.4f} | "
+                     f"{ratio(r['triton_ms'])} | "
                      f"{ratio(r['cusparselt_ms'])} | {ratio(plugin)} |")
     lines += ["", "## Decode kernels (ms): gather GEMV (used for M <= GEMV_MAX_M) vs decompress + tl.dot", "",
               "| shape | TP | M | GEMV | tl.dot (M padded to 16) |", "|---|---|---|---|---|"]
@@ -348,7 +360,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"## cuSPARSELt crossover for {result['arch']}: "
                   f"{'never' if cut is None else f'M >= {cut}'} (median over shapes)", "",
                   "| shape | from M |", "|---|---|"]
-        lines += [f"| {s} | {'never' if t is None else t} |" for s, t in result["crossover"]["per_shape"].items()]
+        lines += [f"| {s} | {'never' if t is None else t} |"
+                  for s, t in result["crossover"]["per_shape"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -368,7 +381,7 @@ def main(argv=None) -> int:
     from bawa_vllm.kernels import triton_24
 
     if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_check needs a CUDA device; none is visible (use --dry-run to check the script on CPU)")
+        raise SystemExit("gpu_check needs a CUDA device; none is visible (--dry-run checks it on CPU)")
     env = Env(args.dry_run, args.repeats)
     t0 = time.time()
 
@@ -399,7 +412,8 @@ def main(argv=None) -> int:
     if not args.dry_run and result["crossover"]["per_shape"]:
         print(f"paste into bawa_vllm/kernels/triton_24.py CUSPARSELT_MIN_M: {result['arch']!r}: "
               f"{'(never: leave cuSPARSELt off)' if cut is None else cut},")
-    failed = [r for r in result["correctness"] if r["ran"] and not (r["ok"] and r["compile_ok"] and r["graph_ok"] is not False)]
+    failed = [r for r in result["correctness"]
+              if r["ran"] and not (r["ok"] and r["compile_ok"] and r["graph_ok"] is not False)]
     failed += [r for r in result["memory"] if r["ran"] and not r["ok"]]
     for r in failed:
         print(f"FAILED: {r}")

@@ -60,7 +60,7 @@ DEFAULT_CUSPARSELT_MIN_M = 1024
 
 GEMV_MAX_M = 4  # up to here the gather GEMV, above it tl.dot (tools/gpu_check.py times both at M <= 4)
 # The tl.dot kernel's tiles by M range: (max M, name, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
-# split-K allowed). Fixed here rather than autotuned (see the module docstring); tools/gpu_check.py times them.
+# split-K allowed). Fixed rather than autotuned (see the module docstring); tools/gpu_check.py times them.
 DOT_TILES = (
     (16, "dot-m16", 16, 64, 128, 4, 3, True),
     (32, "dot-m32", 32, 64, 128, 4, 3, True),
@@ -76,7 +76,6 @@ _DTYPES = _SPARSE_DTYPES + (torch.float32,)
 _CSLT_M_MULTIPLE = 8  # cuSPARSELt's row multiple for 16-bit dense operands (torch/sparse/semi_structured.py)
 _CSLT_SHAPE_MULTIPLE = 16  # its N and K multiple for 16-bit dtypes
 
-logger = logging.getLogger(__name__)
 _SELF_TESTED: set[tuple[str, torch.dtype]] = set()
 _SM_COUNT: dict[int, int] = {}
 
@@ -257,7 +256,7 @@ def _dot_entry(m: int) -> tuple:
 
 
 def dot_tile(m: int) -> tuple[int, int, int, int, int, bool]:
-    """The ``tl.dot`` kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K) for ``m`` tokens."""
+    """The ``tl.dot`` kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K) for ``m``."""
     return tuple(_dot_entry(m)[2:])
 
 
@@ -300,8 +299,8 @@ def triton_linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     args = (x2, values, meta, bias_arg, target, m, n, k, x2.stride(0), x2.stride(1), values.stride(0),
             meta.stride(0), m * n, steps)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PARTIAL=split > 1,
-                  HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                  PARTIAL=split > 1, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     if m <= GEMV_MAX_M:
         _gemv_kernel[(tiles, split)](*args, **common)
     else:
@@ -321,7 +320,7 @@ def _cslt_linear(x2: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None)
     m = x2.shape[0]
     pad = (-m) % _CSLT_M_MULTIPLE
     xp = F.pad(x2, (0, 0, 0, pad)) if pad else x2.contiguous()
-    # (W xᵀ)ᵀ = x Wᵀ as [M_pad, N]; xp.t() of a contiguous xp selects the transposed descriptor (no copy)
+    # (W xᵀ)ᵀ = x Wᵀ as [M_pad, N]; xp.t() of a contiguous xp picks the transposed descriptor (no copy)
     y = torch._cslt_sparse_mm(aux, xp.t(), bias=bias, transpose_result=True)
     return y[:m].contiguous()  # a row slice of a row-major result: no copy unless the library changes layout
 
@@ -361,7 +360,8 @@ def prefill_min_m(device: torch.device) -> int:
     if key in CUSPARSELT_MIN_M:
         return CUSPARSELT_MIN_M[key]
     _log_once(f"bawa-sparse: no measured cuSPARSELt crossover for {key} (run tools/gpu_check.py); cuSPARSELt "
-              f"prefill from M >= {DEFAULT_CUSPARSELT_MIN_M}, a prior from published figures", logging.WARNING)
+              f"prefill from M >= {DEFAULT_CUSPARSELT_MIN_M}, a prior from published figures",
+              logging.WARNING)
     return DEFAULT_CUSPARSELT_MIN_M
 
 
@@ -412,8 +412,8 @@ def _cusparselt_aux(values: torch.Tensor, meta: torch.Tensor, n: int) -> tuple[t
     elif n % _CSLT_SHAPE_MULTIPLE or k % _CSLT_SHAPE_MULTIPLE:
         why = f"shape [{n}, {k}] misses its multiple of {_CSLT_SHAPE_MULTIPLE}"
     if why:
-        _log_once(f"bawa-sparse: {PREFILL_ENV}=cusparselt not used for some layers ({why}); Triton kernels only",
-                  logging.WARNING)
+        _log_once(f"bawa-sparse: {PREFILL_ENV}=cusparselt not used for some layers ({why}); "
+                  "Triton kernels only", logging.WARNING)
         return None
     try:
         dense = unpack_24(values, meta, validate=False)  # transient: one layer's dense weight at a time

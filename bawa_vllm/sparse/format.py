@@ -165,7 +165,8 @@ def check_packed_shards(values: torch.Tensor, meta: torch.Tensor, name: str, sha
     _raise_bad_group(meta, name, row, group)
 
 
-def unpack_24(values: torch.Tensor, meta: torch.Tensor, name: str = "weight", validate: bool = True) -> torch.Tensor:
+def unpack_24(values: torch.Tensor, meta: torch.Tensor, name: str = "weight",
+              validate: bool = True) -> torch.Tensor:
     """The dense ``[N, K]`` weight (zeros elsewhere, +0.0) from its packed form.
 
     Built in row chunks with uint8 positions and selects (no int64 scatter index), straight into the
