@@ -22,8 +22,8 @@ NSAMPLES, SEQLEN, FORWARD_BATCH = 8, 24, 3
 
 
 def _export(model_dir, out, *extra):
-    args = ["--model", str(model_dir), "--out", str(out), "--calib", str(CALIB_TEXT),
-            "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--forward-batch", str(FORWARD_BATCH), *extra]
+    args = ["--model", str(model_dir), "--out", str(out), "--calib", str(CALIB_TEXT), "--nsamples", str(NSAMPLES),
+            "--seqlen", str(SEQLEN), "--forward-batch", str(FORWARD_BATCH), *extra]
     assert export_main(args) == 0
     return json.loads((out / "bawa_report.json").read_text())
 
@@ -112,8 +112,9 @@ def test_bawa_export_matches_in_memory_reference(arch, spec, tmp_path, tokenizer
     """
     src = save_model(make_config(arch, layers=3), tmp_path / "src", tokenizer_dir)
     out = tmp_path / "out"
-    report = _export(src, out, "--method", "bawa", "--sparsity", spec, "--format", "dense", "--search-epochs", "2",
-                     "--search-batch", "2", "--search-lr", "1", "--search-max-step", "0.25", "--search-holdout", "0")
+    report = _export(src, out, "--method", "bawa", "--sparsity", spec, "--format", "dense",
+                     "--search-epochs", "2", "--search-batch", "2", "--search-lr", "1", "--search-max-step", "0.25",
+                     "--search-holdout", "0")
     theta = {(b["block"], n): layer["theta"] for b in report["blocks"] for n, layer in b["layers"].items()}
     assert any(len({tuple(t) for (b, _), t in theta.items() if b == block}) == 7 for block in range(3)), theta
     reference = reference_prune(src, SparsityPattern.parse(spec),
