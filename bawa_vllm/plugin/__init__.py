@@ -18,5 +18,23 @@ def register() -> None:
 
     from .config import BawaSparseConfig
 
+    _route_logs()
+
     register_quantization_config(BawaSparseConfig.NAME)(BawaSparseConfig)
     _REGISTERED = True
+
+
+def _route_logs() -> None:
+    """Print the kernels' messages (backend chosen, build time, fallback reasons) through vLLM's log handlers.
+
+    ``bawa_vllm`` logs with the standard library under its own name so that it never imports vLLM; inside a
+    vLLM process those records would otherwise be dropped (INFO) or printed without vLLM's format.
+    """
+    import logging
+
+    ours, vllm_logger = logging.getLogger("bawa_vllm"), logging.getLogger("vllm")
+    if vllm_logger.handlers and not ours.handlers:
+        for handler in vllm_logger.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False

@@ -1,25 +1,14 @@
-"""``BawaSparseLinearMethod``: packed parameters in, the kernel's own layout built after loading."""
+"""``BawaSparseLinearMethod``: packed parameters in, one packed copy in the backend's layout kept after loading."""
 
 from __future__ import annotations
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.platforms import current_platform
 
-from ..sparse import kernels
+from .. import kernels
 from ..sparse.format import META_SUFFIX, VALUES_SUFFIX, check_packed, unpack_24
-
-# Under vLLM's "vllm" logger namespace, so that vLLM's log handlers print it.
-logger = init_logger("vllm.plugins.bawa_sparse")
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.info(message)
 
 
 @register_weight_loader_v2_supported_method
@@ -45,7 +34,8 @@ class BawaSparseLinearMethod(LinearMethodBase):
         rows = sum(output_partition_sizes)
         values = ModelWeightParameter(data=torch.empty(rows, input_size_per_partition // 2, dtype=params_dtype),
                                       input_dim=1, output_dim=0, weight_loader=weight_loader)
-        meta = ModelWeightParameter(data=torch.zeros(rows, input_size_per_partition // 8, dtype=torch.uint8),
+        # 0x44: positions (0, 1) in both groups, a valid value for `--load-format dummy`, which fills floats only.
+        meta = ModelWeightParameter(data=torch.full((rows, input_size_per_partition // 8), 0x44, dtype=torch.uint8),
                                     input_dim=1, output_dim=0, weight_loader=weight_loader)
         layer.register_parameter(VALUES_SUFFIX, values)
         layer.register_parameter(META_SUFFIX, meta)
@@ -53,27 +43,40 @@ class BawaSparseLinearMethod(LinearMethodBase):
         layer.bawa_partitions = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Validate the packed weight, then keep it packed in the chosen backend's layout (one copy).
+
+        Only where no sparse kernel can run (the reason is logged once) is the dense weight rebuilt, and on
+        CPU it then goes through vLLM's own CPU GEMM dispatch, exactly as an unpruned model would.
+        """
         values, meta = getattr(layer, VALUES_SUFFIX).data, getattr(layer, META_SUFFIX).data
         name = getattr(layer, "prefix", None) or type(layer).__name__
         for shard, start, size in self._shards(layer, name):  # name the checkpoint module of a bad row
             check_packed(values[start : start + size], meta[start : start + size], shard)
         check_packed(values, meta, name, shape=layer.bawa_shape)
-        dense = unpack_24(values, meta, name)
         delattr(layer, VALUES_SUFFIX)
         delattr(layer, META_SUFFIX)
-        if current_platform.is_cpu():
+        n, k = layer.bawa_shape
+        backend, why = kernels.choose_backend(values.device, values.dtype, n, k)
+        if backend == kernels.DENSE and current_platform.is_cpu():
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            layer.weight = torch.nn.Parameter(dense, requires_grad=False)
+            layer.weight = torch.nn.Parameter(unpack_24(values, meta, name), requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-            _log_once("bawa-sparse: CPU backend = dense weight through vLLM's CPU GEMM dispatch (oneDNN)")
+            layer.bawa_backend = None
+            kernels.log_once(f"bawa-sparse: CPU backend = dense weight through vLLM's CPU GEMM ({why})")
             return
-        p = kernels.prepare(dense, name)
-        for attr in ("packed", "meta", "dense"):
-            layer.register_buffer(f"bawa_{attr}", getattr(p, attr), persistent=False)
-        layer.bawa_backend, layer.bawa_min_m, layer.bawa_out = p.backend, p.min_sparse_m, p.out_features
-        _log_once(f"bawa-sparse: backend {kernels.backend_name(p.backend)} (requested "
-                  f"{kernels.requested_backend()}); first layer {tuple(dense.shape)} sparse from M >= {p.min_sparse_m}")
+        if backend == kernels.DENSE:
+            kernels.log_once(f"bawa-sparse: dense fallback on {values.device.type} ({why})")
+        device = values.device.type
+        packed = kernels.prepare(values, meta, name, backend)
+        del values, meta
+        for attr, tensor in packed.tensors().items():
+            layer.register_buffer(f"bawa_{attr}", tensor, persistent=False)
+        if packed.aux is None:
+            layer.bawa_aux = None
+        layer.bawa_backend, layer.bawa_out, layer.bawa_aux_min_m = packed.backend, packed.out_features, packed.aux_min_m
+        kernels.log_once(f"bawa-sparse: {device} backend {kernels.backend_name(packed.backend)} "
+                         f"(requested {kernels.requested_backend()})")
 
     def _shards(self, layer: torch.nn.Module, name: str):
         """(name, first row, rows) of each logical matrix fused into this layer (q/k/v, gate/up)."""
@@ -86,7 +89,7 @@ class BawaSparseLinearMethod(LinearMethodBase):
             start += size
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if current_platform.is_cpu():
+        if layer.bawa_backend is None:  # CPU without the sparse kernel: vLLM's dense CPU GEMM
             return layer.cpu_linear(x, layer.weight, bias)
-        return torch.ops.bawa_sparse.linear(x, layer.bawa_packed, layer.bawa_meta, layer.bawa_dense, bias,
-                                            layer.bawa_out, layer.bawa_backend, layer.bawa_min_m)
+        return torch.ops.bawa_sparse.linear(x, layer.bawa_values, layer.bawa_meta, bias, layer.bawa_out,
+                                            layer.bawa_backend, layer.bawa_aux, layer.bawa_aux_min_m)

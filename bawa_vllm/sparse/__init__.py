@@ -1,1 +1,1 @@
-"""The 2:4-packed checkpoint format and the kernels that compute with it; neither imports vLLM."""
+"""The 2:4-packed checkpoint format (docs/FORMAT.md) and converters; no vLLM imports."""

@@ -1,0 +1,144 @@
+"""The ``cpu`` backend: an AVX-512 C++ kernel (``sparse24.cpp``) that reads the packed 2:4 weight directly.
+
+Layout kept per layer (re-tiled at load, in place: the same two tensors, shapes and bytes as on disk): the
+metadata's 2-bit positions become a column bitmask, so that a 32-bit word of it is the lane mask of 32
+columns whose 16 kept values sit at a fixed offset (the kernel expands them in registers with one
+``vpexpandw``), and rows are interleaved in blocks of 4, word by word, so that the kernel, which works on 4
+rows at once, streams one contiguous run of values and one of mask bytes (the C++ file says more).
+
+Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
+(``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a
+second start (or the next TP rank) only loads it. A file lock serialises concurrent builds (TP ranks start
+together); the lock is released by the OS if a builder dies. The build is logged once, with its time.
+Where the kernel cannot be used (not x86 with AVX-512, no compiler, a failed build), :func:`supported`
+says why and the layer falls back to the dense path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ...sparse.format import META_SUFFIX, PackedFormatError
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("sparse24.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi2", "-mfma", "-mf16c"]
+# What the CPU must have (as /proc/cpuinfo names it): vpexpandw is AVX512_VBMI2 (Ice Lake, Sapphire Rapids, Zen 4 on).
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "fma", "f16c")
+# Token counts up to this run the packed GEMV; above it, panels are decompressed for a dense GEMM.
+# Measured with benchmarks/gemm.py on the SmolLM2/Llama-3.2-1B/Llama-3-8B shapes (see the README table).
+SMALL_M_MAX = 16
+# Bytes of the dense panel each thread decompresses before its GEMM (large M).
+PANEL_BYTES = 1 << 20
+
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAWA_CACHE_DIR") or Path.home() / ".cache" / "bawa-vllm")
+
+
+def _build_key() -> str:
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join([torch.__version__, sys.version, *_FLAGS]).encode())
+    return h.hexdigest()[:16]
+
+
+def _cpu_reason() -> str | None:
+    """Why this CPU cannot run the kernel, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{platform.machine()} is not x86-64"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError as err:
+        return f"cannot read the CPU's features ({err})"
+    missing = [f for f in _CPU_FLAGS if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def load() -> ModuleType:
+    """The compiled extension, built at first use; raises RuntimeError naming why it cannot be had."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise RuntimeError(_error)
+    try:
+        _module = _build()
+    except Exception as err:
+        text = str(err).strip()
+        first = next((line for line in text.splitlines() if "error" in line.lower()), text[-300:])
+        _error = f"the AVX-512 kernel could not be built ({type(err).__name__}: {first.strip()[:300]})"
+        raise RuntimeError(_error) from err
+    return _module
+
+
+def _build() -> ModuleType:
+    why = _cpu_reason()
+    if why:
+        raise RuntimeError(why)
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} not on PATH; install g++)")
+    from torch.utils import cpp_extension
+
+    # ninja comes with the package (a dependency); make its venv's bin/ visible to torch's builder.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    name = f"bawa_sparse24_{_build_key()}"
+    build_dir = cache_dir() / "torch_extensions" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".bawa.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then load its result
+        fresh = not any(build_dir.glob(f"{name}*.so"))
+        start = time.perf_counter()
+        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                                    build_directory=str(build_dir), verbose=False)
+    if fresh:
+        logger.info("bawa-sparse: built the AVX-512 2:4 kernel in %.1f s (%s)", time.perf_counter() - start, build_dir)
+    return module
+
+
+def supported(device: torch.device, dtype: torch.dtype, n: int, k: int) -> tuple[bool, str]:
+    del n
+    if device.type != "cpu":
+        return False, f"runs on cpu, not {device.type}"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False, f"{dtype} is not fp32/bf16/fp16"
+    if k % 8:
+        return False, f"input size {k} does not divide by 8"
+    try:
+        load()
+    except RuntimeError as err:
+        return False, str(err)
+    return True, ""
+
+
+def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
+    """Re-tile ``values`` and ``meta`` in place; the layer keeps those two tensors only."""
+    from .. import CPU, PackedLinear
+
+    values, meta = values.contiguous(), meta.contiguous()
+    bad = load().retile_(values, meta)
+    if bad:
+        raise PackedFormatError(f"{META_SUFFIX} row {bad[0]}, group {bad[1]} has an invalid position nibble")
+    return PackedLinear(CPU, n, values, meta)
+
+
+def linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+           out_features: int, aux: torch.Tensor | None, aux_min_m: int) -> torch.Tensor:
+    del out_features, aux, aux_min_m
+    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES)
