@@ -13,6 +13,7 @@ missed split or bias is off by whole weights (≫ 1 ulp).
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -20,13 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. at import
-
 triton = pytest.importorskip("triton")
 
 from bawa_vllm import kernels  # noqa: E402
 from bawa_vllm.kernels import triton_24  # noqa: E402
+
+if not torch.cuda.is_available() and not triton_24._interpreting():
+    # Triton reads TRITON_INTERPRET when it decorates a kernel: rebuild the module's kernels for the CPU
+    # interpreter, then leave the variable as it was for the rest of the process
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.reload(triton_24)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 from bawa_vllm.sparse.format import (  # noqa: E402
     PackedFormatError,
     check_packed,

@@ -80,11 +80,16 @@ _SELF_TESTED: set[tuple[str, torch.dtype]] = set()
 _SM_COUNT: dict[int, int] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ----------------------------------------------------------------------------------------------- kernels
+# Only Triton builtins and this module's own jit functions are called (tl.full, not tl.zeros; tl.reduce with
+# _add, not tl.sum; no tl.cdiv): those of triton.language.standard are themselves jit functions, which the
+# CPU interpreter can run only if TRITON_INTERPRET was set before triton's first import in the process, while
+# this module's kernels need it only when this module is imported (tests, tools/gpu_check.py --dry-run).
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
 
 
 @triton.jit
@@ -104,7 +109,7 @@ def _dense_tile(v_ptr, m_ptr, offs_n, n_mask, k0, stride_vn, stride_mn, K,
     nib = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K // 4))  # group g = 2 byte + (0 low, 1 high)
     v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))  # the two kept values of each group
     col = tl.arange(0, 4)[None, None, :]
-    zero = tl.zeros((BLOCK_N, BLOCK_K // 4, 4), dtype=v.dtype)
+    zero = tl.full((BLOCK_N, BLOCK_K // 4, 4), 0, v.dtype)
     w = tl.where((nib & 3)[:, :, None] == col, v0[:, :, None],
                  tl.where((nib >> 2)[:, :, None] == col, v1[:, :, None], zero))
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
@@ -131,8 +136,8 @@ def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
     j = tl.arange(0, BLOCK_K // 2)  # value index within the step
     base_col = 4 * (j // 2)  # first column of the value's group
     shift = 2 * (j % 4)  # its 2 bits in the metadata byte j // 4
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2, BLOCK_M), dtype=tl.float32)
-    step_end = tl.minimum((pid_s + 1) * steps_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.full((BLOCK_N, BLOCK_K // 2, BLOCK_M), 0, tl.float32)
+    step_end = tl.minimum((pid_s + 1) * steps_per_split, (K + BLOCK_K - 1) // BLOCK_K)
     for step in range(pid_s * steps_per_split, step_end):
         offs_v = step * (BLOCK_K // 2) + j
         offs_b = step * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
@@ -153,7 +158,7 @@ def _gemv_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
         x_ptrs = x_ptr + offs_m[None, None, :] * stride_xm + cols[:, :, None] * stride_xk
         xg = tl.load(x_ptrs, mask=w_mask[:, :, None] & m_mask[None, None, :], other=0.0).to(tl.float32)
         acc += v[:, :, None] * xg
-    y = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]
+    y = tl.reduce(acc, 1, _add)  # [BLOCK_N, BLOCK_M]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * N + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if not PARTIAL:
@@ -177,8 +182,8 @@ def _dot_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -190,8 +195,8 @@ def _dot_kernel(x_ptr, v_ptr, m_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
     rows = offs_m.to(tl.int64)  # M x N and M x K offsets pass 2**31 at prefill sizes
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    step_end = tl.minimum((pid_s + 1) * steps_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+    step_end = tl.minimum((pid_s + 1) * steps_per_split, (K + BLOCK_K - 1) // BLOCK_K)
     for step in range(pid_s * steps_per_split, step_end):
         k0 = step * BLOCK_K
         x_ptrs = x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
@@ -220,7 +225,7 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: t
     """``out = sum_s part[s] (+ bias)``, in split order (deterministic), cast to the output dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    y = tl.zeros((BLOCK,), dtype=tl.float32)
+    y = tl.full((BLOCK,), 0, tl.float32)
     for s in range(split):
         y += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
@@ -229,6 +234,11 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: t
 
 
 # ------------------------------------------------------------------------------------------------ launch
+
+
+def _interpreting() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return not isinstance(_gemv_kernel, triton.runtime.JITFunction)
 
 
 def _sm_count(device: torch.device) -> int:
