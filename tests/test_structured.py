@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bawa_vllm.calibration import calibration_windows, load_documents
 from bawa_vllm.cli.export import main as export_main
 from bawa_vllm.pruning.structured import ffn_scores, head_scores, plan_counts
 
@@ -61,15 +62,63 @@ def _zeroed_reference(src, report):
     return model
 
 
+NSAMPLES, SEQLEN = 4, 32
+
+
+@torch.no_grad()
+def _reference_kept(src, plan: dict, method: str) -> list[tuple[list[int], list[int]]]:
+    """(kept heads, kept channels) per block, recomputed on the full in-memory model: the L1 norms of the
+    o_proj and down_proj inputs over the calibration windows, taken with the earlier blocks' removed heads
+    and channels zeroed (by this reference's own choice), the scores (checked by brute force above), and
+    the top-scoring heads of every KV group and channels overall."""
+    model = AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
+    ids = calibration_windows(load_documents(str(CALIB_TEXT)), AutoTokenizer.from_pretrained(src), NSAMPLES, SEQLEN)
+    hd, kv, group = plan["head_dim"], plan["kv_heads"], plan["heads_per_group"]
+    kept = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        l1 = {"o": torch.zeros(attn.o_proj.in_features), "down": torch.zeros(mlp.down_proj.in_features)}
+
+        def hook(name):
+            def pre(_module, args) -> None:  # returns None: a pre-hook's return value would replace the input
+                l1[name] += args[0].reshape(-1, args[0].shape[-1]).float().abs().sum(0)
+            return pre
+
+        handles = [attn.o_proj.register_forward_pre_hook(hook("o")),
+                   mlp.down_proj.register_forward_pre_hook(hook("down"))]
+        model(ids)
+        for h in handles:
+            h.remove()
+        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        hs = head_scores(method, l1["o"], attn.q_proj.weight, attn.o_proj.weight, *weights, hd).view(kv, group)
+        in_group = hs.topk(plan["keep_heads_per_group"], dim=1).indices
+        heads = sorted((in_group + torch.arange(kv).unsqueeze(1) * group).flatten().tolist())
+        channels = sorted(ffn_scores(method, l1["down"], *weights).topk(plan["keep_intermediate"]).indices.tolist())
+        kept.append((heads, channels))
+        removed_rows = torch.ones(attn.o_proj.in_features, dtype=torch.bool)
+        for h in heads:
+            removed_rows[h * hd : (h + 1) * hd] = False
+        attn.o_proj.weight[:, removed_rows] = 0
+        removed = torch.ones(mlp.down_proj.in_features, dtype=torch.bool)
+        removed[channels] = False
+        mlp.down_proj.weight[:, removed] = 0
+    return kept
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["llm-bip", "structured-magnitude", "structured-random"])
 def test_pruned_equals_zeroed_original(arch, method, tmp_path, tokenizer_dir):
+    """The smaller model equals the original with the reported heads and channels zeroed, and (for the
+    deterministic methods) those are the top-scoring ones, recomputed from scratch."""
     src = save_model(make_config(arch, layers=3, num_attention_heads=8, num_key_value_heads=2, hidden=64,
                                  intermediate_size=256), tmp_path / "src", tokenizer_dir)
     out = tmp_path / "out"
     assert export_main(["--model", str(src), "--out", str(out), "--method", method, "--sparsity", "0.5",
-                        "--calib", str(CALIB_TEXT), "--nsamples", "4", "--seqlen", "32"]) == 0
+                        "--calib", str(CALIB_TEXT), "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN)]) == 0
     report = json.loads((out / "bawa_report.json").read_text())
+    if method != "structured-random":
+        expected = _reference_kept(src, report["plan"], method.removeprefix("structured-"))
+        assert [(b["kept_heads"], b["kept_channels"]) for b in report["blocks"]] == expected
     pruned = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     cfg = json.loads((out / "config.json").read_text())
     heads = {len(b["kept_heads"]) for b in report["blocks"]}
