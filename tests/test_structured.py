@@ -72,7 +72,8 @@ def _reference_kept(src, plan: dict, method: str) -> list[tuple[list[int], list[
     and channels zeroed (by this reference's own choice), the scores (checked by brute force above), and
     the top-scoring heads of every KV group and channels overall."""
     model = AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
-    ids = calibration_windows(load_documents(str(CALIB_TEXT)), AutoTokenizer.from_pretrained(src), NSAMPLES, SEQLEN)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = calibration_windows(load_documents(str(CALIB_TEXT)), tokenizer, NSAMPLES, SEQLEN)
     hd, kv, group = plan["head_dim"], plan["kv_heads"], plan["heads_per_group"]
     kept = []
     for layer in model.model.layers:
@@ -114,7 +115,8 @@ def test_pruned_equals_zeroed_original(arch, method, tmp_path, tokenizer_dir):
                                  intermediate_size=256), tmp_path / "src", tokenizer_dir)
     out = tmp_path / "out"
     assert export_main(["--model", str(src), "--out", str(out), "--method", method, "--sparsity", "0.5",
-                        "--calib", str(CALIB_TEXT), "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN)]) == 0
+                        "--calib", str(CALIB_TEXT), "--nsamples", str(NSAMPLES),
+                        "--seqlen", str(SEQLEN)]) == 0
     report = json.loads((out / "bawa_report.json").read_text())
     if method != "structured-random":
         expected = _reference_kept(src, report["plan"], method.removeprefix("structured-"))
