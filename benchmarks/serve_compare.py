@@ -7,6 +7,11 @@ request), ``serve_compare.md`` (requests/s, output tokens/s, TTFT p50/p99, TPOT 
 sparse/dense ratios) and ``serve_compare.png`` (throughput and latency vs concurrency). A server that
 does not start, or a level whose requests all fail, is reported as a failure, never as figures.
 
+Unless ``--endpoint completions``, each server gets one chat request first. A server that refuses it (HTTP
+400: a base model whose tokenizer has no chat template) is measured on completions only under ``mixed``
+(one warning line; the other model then gets completions only too, so that both see the same load), and is
+a failure under ``chat``. The report says which endpoints each side was measured on.
+
     python benchmarks/serve_compare.py --dense /models/llama-dense --sparse /models/llama-bawa-2of4 \\
         --concurrency 1 4 16 64 --duration 60 --out benchmarks/results/serve
 """
@@ -25,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bawa_vllm.serving import ServerFailed, VllmServer  # noqa: E402
+from bawa_vllm.serving import ServerFailed, VllmServer, chat_refusal  # noqa: E402
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 
@@ -42,7 +47,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarise(records: list[dict]) -> dict:
     ok = [r for r in records if r["error"] is None]
     errors = [r["error"] for r in records if r["error"] is not None]
-    out = {"requests": len(ok), "errors": len(errors), "error_examples": sorted(set(errors))[:3]}
+    out = {"requests": len(ok), "errors": len(errors), "error_examples": sorted(set(errors))[:3],
+           "endpoints": sorted({r["endpoint"] for r in records})}
     if not ok:
         return {**out, "failed": "no request succeeded"}
     wall = max(r["start"] + r["latency_s"] for r in records) - min(r["start"] for r in records)
@@ -76,20 +82,38 @@ def warm_up(url: str, n: int = 3) -> None:
 
 
 def backend_of(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if "bawa-sparse: " in line]
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "bawa-sparse: " in line and " backend" in line]
     return lines[0].split("bawa-sparse: ", 1)[1] if lines else "vLLM's own dense linears (no quantization)"
 
 
 def bench_model(label: str, model: str, args, out: Path, env: dict) -> dict:
-    result = {"label": label, "model": model, "levels": []}
+    """Serve ``model`` and run the load at each level, on the endpoints ``env["BAWA_BENCH_ENDPOINT"]`` names.
+
+    If the dense model (served first) refuses chat under ``mixed``, that becomes ``completions`` for both
+    models, so that both see the same load; a refusal under ``chat``, or by the sparse model only, is a failure.
+    """
+    result = {"label": label, "model": model, "endpoints": [], "levels": []}  # endpoints: those measured
     log = out / f"{label}.server.log"
     try:
         with VllmServer(model, log, shlex.split(args.serve_args), env=env, timeout=args.start_timeout) as server:
             warm_up(server.url)
+            refusal = None if env["BAWA_BENCH_ENDPOINT"] == "completions" else chat_refusal(server.url)
+            if refusal is not None:
+                result["chat_refused"] = refusal
+                if args.endpoint == "chat" or label != "dense":
+                    unlike = "" if args.endpoint == "chat" else "the dense model answered them, so the two would " \
+                                                                "not see the same load; "
+                    result["failed"] = f"{label} refuses chat requests ({refusal}); {unlike}rerun with --endpoint " \
+                                       "completions"
+                    return result
+                print(f"warning: {label} refuses chat requests ({refusal}): measuring completions only, for both "
+                      "models (--endpoint completions skips this check)", flush=True)
+                env["BAWA_BENCH_ENDPOINT"] = "completions"
             for users in args.concurrency:
                 records = run_locust(server.url, users, args.duration, out / f"{label}-u{users}.jsonl", env,
                                      out / f"{label}-u{users}.locust.log")
                 result["levels"].append({"concurrency": users, **summarise(records)})
+                result["endpoints"] = sorted({*result["endpoints"], *result["levels"][-1]["endpoints"]})
                 print(f"{label} u={users}: {result['levels'][-1]}", flush=True)
         result["backend"] = backend_of(log)
     except (ServerFailed, OSError) as err:
@@ -108,7 +132,11 @@ METRICS = [("requests_per_s", "req/s"), ("output_tokens_per_s", "out tok/s"), ("
 def markdown(report: dict) -> str:
     dense, sparse = report["dense"], report["sparse"]
     lines = [f"Dense `{dense['model']}` vs sparse `{sparse['model']}`; load: {report['load']}.", "",
-             f"- dense backend: {dense.get('backend', '—')}", f"- sparse backend: {sparse.get('backend', '—')}", ""]
+             f"- dense backend: {dense.get('backend', '—')}", f"- sparse backend: {sparse.get('backend', '—')}"]
+    for side in (dense, sparse):
+        refused = f" (chat refused: {side['chat_refused']})" if "chat_refused" in side else ""
+        lines.append(f"- {side['label']} measured on: {', '.join(side['endpoints']) or 'nothing'}{refused}")
+    lines.append("")
     for side in (dense, sparse):
         if "failed" in side:
             lines.append(f"**{side['label']} failed**: {side['failed'].splitlines()[0]}")

@@ -20,7 +20,7 @@ def supported(device: torch.device, dtype: torch.dtype, n: int, k: int) -> tuple
 def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
     from . import DENSE, PackedLinear
 
-    dense = unpack_24(values, meta)
+    dense = unpack_24(values, meta, validate=False)  # the caller validated the packed form
     return PackedLinear(DENSE, n, dense, torch.empty(0, dtype=torch.uint8, device=dense.device))
 
 

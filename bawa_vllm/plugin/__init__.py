@@ -28,13 +28,17 @@ def _route_logs() -> None:
     """Print the kernels' messages (backend chosen, build time, fallback reasons) through vLLM's log handlers.
 
     ``bawa_vllm`` logs with the standard library under its own name so that it never imports vLLM; inside a
-    vLLM process those records would otherwise be dropped (INFO) or printed without vLLM's format.
+    vLLM process those records would otherwise be dropped (INFO). vLLM configures its handlers on the ``vllm``
+    logger when an engine starts, which may be after this runs, so records are forwarded at emit time.
     """
     import logging
 
-    ours, vllm_logger = logging.getLogger("bawa_vllm"), logging.getLogger("vllm")
-    if vllm_logger.handlers and not ours.handlers:
-        for handler in vllm_logger.handlers:
-            ours.addHandler(handler)
+    class _ToVllm(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logging.getLogger("vllm.bawa_sparse").handle(record)
+
+    ours = logging.getLogger("bawa_vllm")
+    if not any(type(h).__name__ == "_ToVllm" for h in ours.handlers):  # register() runs once per process
+        ours.addHandler(_ToVllm())
         ours.setLevel(logging.INFO)
         ours.propagate = False

@@ -8,7 +8,7 @@ from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.platforms import current_platform
 
 from .. import kernels
-from ..sparse.format import META_SUFFIX, VALUES_SUFFIX, check_packed, unpack_24
+from ..sparse.format import META_SUFFIX, VALUES_SUFFIX, check_packed_shards, unpack_24
 
 
 @register_weight_loader_v2_supported_method
@@ -50,9 +50,8 @@ class BawaSparseLinearMethod(LinearMethodBase):
         """
         values, meta = getattr(layer, VALUES_SUFFIX).data, getattr(layer, META_SUFFIX).data
         name = getattr(layer, "prefix", None) or type(layer).__name__
-        for shard, start, size in self._shards(layer, name):  # name the checkpoint module of a bad row
-            check_packed(values[start : start + size], meta[start : start + size], shard)
-        check_packed(values, meta, name, shape=layer.bawa_shape)
+        # one pass over the metadata, naming the checkpoint module (q/k/v, gate/up) of a bad row
+        check_packed_shards(values, meta, name, layer.bawa_shape, list(self._shards(layer, name)))
         delattr(layer, VALUES_SUFFIX)
         delattr(layer, META_SUFFIX)
         n, k = layer.bawa_shape
@@ -60,7 +59,7 @@ class BawaSparseLinearMethod(LinearMethodBase):
         if backend == kernels.DENSE and current_platform.is_cpu():
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            layer.weight = torch.nn.Parameter(unpack_24(values, meta, name), requires_grad=False)
+            layer.weight = torch.nn.Parameter(unpack_24(values, meta, name, validate=False), requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
             layer.bawa_backend = None
             kernels.log_once(f"bawa-sparse: CPU backend = dense weight through vLLM's CPU GEMM ({why})")
