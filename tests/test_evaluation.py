@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -34,8 +35,18 @@ def test_windows_are_non_overlapping_prefix(tokenizer_dir):
 
 
 def test_eval_cli(tmp_path, llama_dir, capsys):
+    """The CLI's perplexity is the full model's on the first 3 windows of 32 tokens, run in batches of 2;
+    it prints the JSON it writes."""
     assert eval_main(["--model", str(llama_dir), "--data", str(EVAL_TEXT), "--seqlen", "32", "--max-windows", "3",
-                      "--json", str(tmp_path / "r.json")]) == 0
-    assert (tmp_path / "r.json").exists()
+                      "--batch-size", "2", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    windows = evaluation_windows(load_documents(str(EVAL_TEXT)), AutoTokenizer.from_pretrained(llama_dir), 32,
+                                 max_windows=3)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        nll = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / len(windows)
+    assert result["tokens"] == 3 * 31
+    assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
     assert eval_main(["--model", str(llama_dir), "--data", str(tmp_path / "nope.txt")]) == 2
     assert "not found" in capsys.readouterr().err
