@@ -122,23 +122,36 @@ def test_failure_mid_run_leaves_no_output_and_resumes(tmp_path, llama_dir, monke
     assert _run(llama_dir, out, "--method", "bawa", "--resume") == 2  # other arguments: refused, partial kept
     assert _run(llama_dir, out, "--method", "wanda", "--resume") == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    assert not (out / "progress.json").exists() and not (out / "calibration_state.safetensors").exists()
+    assert not (out / "progress.json").exists() and not list(out.glob("calibration_state*"))
     assert _run(llama_dir, tmp_path / "ref", "--method", "wanda") == 0
     for f in sorted(p.name for p in (tmp_path / "ref").iterdir()):
         if f != "bawa_report.json":  # the report holds timings
             assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
 
 
-def test_resume_without_partial(tmp_path, capsys, llama_dir):
-    assert _run(llama_dir, tmp_path / "out", "--method", "wanda", "--resume") == 2
-    assert "no unfinished export" in capsys.readouterr().err
+def test_resume_without_partial_starts_over(tmp_path, caplog, llama_dir):
+    """--resume is safe on every retry of a job: with nothing to resume it runs the export from the start."""
+    with caplog.at_level("INFO"):
+        assert _run(llama_dir, tmp_path / "out", "--method", "wanda", "--resume") == 0
+    assert "no unfinished export" in caplog.text and "starting from the first block" in caplog.text
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
 def test_jsonl_gz_calibration(tmp_path, llama_dir):
+    """50 paragraphs as .jsonl.gz prune exactly as the same paragraphs as .txt, and not as the whole file."""
     import gzip
 
+    paragraphs = CALIB_TEXT.read_text().split("\n\n")[:50]
     path = tmp_path / "c.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        for para in CALIB_TEXT.read_text().split("\n\n")[:50]:
+        for para in paragraphs:
             f.write(json.dumps({"text": para}) + "\n")
-    assert _run(llama_dir, tmp_path / "out", "--method", "wanda", "--calib", str(path)) == 0
+    (tmp_path / "c.txt").write_text("\n\n".join(paragraphs))
+    for name, calib in (("gz", path), ("txt", tmp_path / "c.txt"), ("all", CALIB_TEXT)):
+        assert _run(llama_dir, tmp_path / name, "--method", "wanda", "--format", "dense", "--calib", str(calib)) == 0
+
+    def weights(out):
+        return {f.name: f.read_bytes() for f in out.glob("*.safetensors")}
+
+    assert weights(tmp_path / "gz") == weights(tmp_path / "txt")
+    assert weights(tmp_path / "gz") != weights(tmp_path / "all")
