@@ -46,3 +46,15 @@ def test_validator_catches_mistakes():
     doc["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}  # misspelt field
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_prune_job_always_resumes():
+    """Every attempt of the prune Job passes --resume (safe with nothing to resume, and after completion), and its
+    arguments are ones that bawa-export accepts."""
+    from bawa_vllm.cli.export import build_parser
+
+    job = next(yaml.safe_load_all((REPO / "deploy/k8s/prune-job.yaml").read_text()))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["bawa-export"]
+    args = build_parser().parse_args(container["args"])
+    assert args.resume and not args.overwrite and args.out == "/models/Llama-3-70B-bawa-2of4"

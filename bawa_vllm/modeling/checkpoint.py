@@ -119,12 +119,43 @@ class Checkpoint:
 PROGRESS_FILE = "progress.json"
 
 
+def partial_dir(out: Path) -> Path:
+    """Where a resumable export of ``out`` is built: ``.<out>.partial`` next to it (same filesystem, so the
+    final rename is atomic)."""
+    return out.parent / f".{out.name}.partial"
+
+
+def publish(src: Path, out: Path) -> Path:
+    """Move the finished directory ``src`` to ``out`` (replacing an existing ``out``) by renames only.
+
+    An existing ``out`` is first renamed to ``.<out>.old-<pid>`` and removed after the new one is in place, so
+    there is never a moment without a complete ``out`` or a complete ``src``; leftovers of an earlier publish
+    that was killed between those steps (``.<out>.old-*``) are removed as well.
+    """
+    src.chmod(0o755)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(src, out)
+    remove_stale_old(out)
+    return out
+
+
+def remove_stale_old(out: Path) -> None:
+    """Remove the previous versions of ``out`` that :func:`publish` moved aside (``.<out>.old-*``)."""
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        logger.info("removing %s, the replaced previous version of %s", old, out)
+        shutil.rmtree(old)
+
+
 class CheckpointWriter:
     """Writes shards and the index into a temporary directory that becomes ``out`` on ``commit``.
 
     With ``resumable``, the directory is ``.<out>.partial`` next to ``out``: :meth:`save_progress`
     records what is finished after each step, a failed run keeps it once there is progress to keep,
-    and ``resume=True`` continues from it.
+    and ``resume=True`` continues from it. A ``.<out>.partial`` without a progress record (the run
+    was killed before its first record) holds nothing that can be trusted, so ``resume=True`` then
+    starts over, as it does when there is no partial directory at all: a retried job can always pass it.
     """
 
     def __init__(self, out: str | os.PathLike, num_shards: int, overwrite: bool = False, resumable: bool = False,
@@ -142,20 +173,27 @@ class CheckpointWriter:
         if not self.resumable:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
             return
-        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        self.tmp = partial_dir(self.out)
         state = self.tmp / PROGRESS_FILE
         if resume and state.is_file():
             saved = json.loads(state.read_text())
             self.weight_map, self.total_size, self._next = saved["weight_map"], saved["total_size"], saved["next"]
             self.progress = saved["progress"]
-            for stray in self.tmp.glob("model-*.safetensors"):  # a shard written after the last checkpoint
-                if stray.name not in set(self.weight_map.values()):
+            recorded = set(self.weight_map.values())
+            # a shard begun after the last record (maybe cut short by the kill), or a half-written *.tmp
+            for stray in [*self.tmp.glob("model-*.safetensors"), *self.tmp.glob("*.tmp")]:
+                if stray.name not in recorded:
                     stray.unlink()
             return
-        if resume:
-            raise FileNotFoundError(f"--resume: no unfinished export of {self.out} to resume ({self.tmp} not found)")
-        if self.tmp.exists():
+        if resume and self.tmp.exists():
+            logger.info("--resume: %s has no finished step recorded (the run stopped before its first block "
+                        "finished); starting from the first block", self.tmp)
+        elif resume:
+            logger.info("--resume: no unfinished export of %s (%s does not exist); starting from the first "
+                        "block", self.out, self.tmp)
+        elif self.tmp.exists():
             logger.info("discarding the unfinished export %s (pass --resume to continue it instead)", self.tmp)
+        if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
 
@@ -188,23 +226,20 @@ class CheckpointWriter:
         (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
     def commit(self) -> Path:
-        """Write the index last, then move the finished directory into place."""
+        """Write the index last (atomically), drop the progress record, then move the directory into place.
+
+        A run killed after the progress record is gone leaves a ``.<out>.partial`` with the index: complete,
+        which the caller can check and :func:`publish` instead of redoing the export.
+        """
         if self._next - 1 != self.num_shards:
             raise RuntimeError(f"wrote {self._next - 1} shards, expected {self.num_shards}")
-        self.write_json(
-            INDEX_FILE,
-            {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
-        )
+        index = {"metadata": {"total_size": self.total_size},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        part = self.tmp / f"{INDEX_FILE}.tmp"
+        part.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+        os.replace(part, self.tmp / INDEX_FILE)
         (self.tmp / PROGRESS_FILE).unlink(missing_ok=True)
-        self.tmp.chmod(0o755)
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp, self.out)
-        return self.out
+        return publish(self.tmp, self.out)
 
     def abort(self) -> None:
         """Remove the temporary directory, unless it holds progress that ``--resume`` can continue."""

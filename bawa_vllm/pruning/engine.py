@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..calibration import calibration_windows, load_documents
-from ..modeling.checkpoint import CheckpointWriter
+from ..modeling.checkpoint import (INDEX_FILE, PROGRESS_FILE, CheckpointWriter, partial_dir, publish,
+                                   remove_stale_old)
 from ..modeling.decoder import StreamedDecoder, linear_modules, parse_dtype
 from ..sparse.format import pack_state_dict, quantization_config
 from .masks import SparsityPattern, apply_mask_
@@ -115,8 +117,10 @@ class BlockPruner:
 
     @classmethod
     def restore(cls, decoder: StreamedDecoder, path: Path, forward_batch: int, target: str) -> BlockPruner:
+        """The runner :meth:`save` wrote to ``path``; a missing file is an error, never "no calibration"."""
         if not path.exists():
-            return cls(decoder, None, forward_batch, target)
+            raise FileNotFoundError(f"--resume: {path}, the calibration inputs the progress record names, is "
+                                    "missing; rerun without --resume to start over")
         state = load_file(path, device=str(decoder.device))
         runner = cls(decoder, state["hidden"], forward_batch, target)
         if runner.dense_hidden is not None:
@@ -194,15 +198,99 @@ class BlockPruner:
         return total / tokens
 
 
-_STATE_FILE = "calibration_state.safetensors"
+def _state_path(tmp: Path, block: int) -> Path:
+    """Block ``block``'s calibration inputs in the partial export. Named by block, so that a kill between
+    writing the next block's inputs and the progress record leaves the recorded block's inputs intact."""
+    return tmp / f"calibration_state-{block:05d}.safetensors"
 
 
-def _fingerprint(cfg: ExportConfig, method: PruningMethod) -> dict:
-    """Everything that decides the output bytes: a resumed run must match it exactly."""
-    args = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resume")}
-    args["pattern"] = str(cfg.pattern)
+def _drop_states(tmp: Path, keep: Path | None) -> None:
+    """Remove every calibration-input file but ``keep`` (older blocks', or one newer than the record)."""
+    for path in tmp.glob("calibration_state-*.safetensors"):
+        if path != keep:
+            path.unlink()
+
+
+def _arguments(cfg: ExportConfig, method: PruningMethod) -> dict:
+    """The export's arguments as the report records them (JSON types: they compare with a read-back)."""
     search = getattr(method, "search", None)
-    return json.loads(json.dumps({**args, "method": method.name, "search": asdict(search) if search else None}))
+    return json.loads(json.dumps({**asdict(cfg), "pattern": str(cfg.pattern), "method": method.name,
+                                  "search": asdict(search) if search else None}))
+
+
+def _fingerprint(arguments: dict) -> dict:
+    """Everything that decides the output bytes: a resumed run must match it exactly."""
+    return {k: v for k, v in arguments.items() if k not in ("overwrite", "resume")}
+
+
+def _changed(fingerprint: dict, other: dict) -> list[str]:
+    """The names of the arguments in which two fingerprints differ."""
+    return sorted(k for k in fingerprint.keys() | other.keys() if fingerprint.get(k) != other.get(k))
+
+
+def _complete_export(directory: Path) -> dict | None:
+    """The fingerprint of the export in ``directory`` if it is complete (its index is written last, after the
+    report), else None."""
+    report = directory / "bawa_report.json"
+    if not (directory / INDEX_FILE).is_file() or not report.is_file():
+        return None
+    try:
+        return _fingerprint(json.loads(report.read_text())["arguments"])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{report}: not a readable bawa-export report ({err!r})") from None
+
+
+def _recorded_fingerprint(partial: Path) -> dict | None:
+    """The fingerprint of an unfinished export: from its progress record, or from its report once complete."""
+    progress = partial / PROGRESS_FILE
+    if progress.is_file():
+        return json.loads(progress.read_text())["progress"]["fingerprint"]
+    return _complete_export(partial)
+
+
+def _finish_earlier_run(cfg: ExportConfig, fingerprint: dict) -> Path | None:
+    """With ``--resume``: an earlier run of this very export that got past its last block, if there is one.
+
+    Either ``out`` is already that export (the run was killed after its rename, or this is a retry of a run
+    that succeeded): nothing is redone, leftovers of the rename are removed. Or ``.<out>.partial`` is complete
+    (index written, progress record dropped) and only the rename is missing: it is renamed now. Returns the
+    path of the report, or None when the export has to run.
+    """
+    out = Path(cfg.out)
+    partial = partial_dir(out)
+    done = _complete_export(out)
+    if done is not None:
+        changed = _changed(fingerprint, done)
+        if changed and not cfg.overwrite:
+            raise FileExistsError(f"output {out} already exists, an export made with other arguments "
+                                  f"({', '.join(changed)}); pass --overwrite to replace it")
+        if changed:
+            return None
+        logger.info("--resume: %s is already a finished export with these arguments; nothing to do", out)
+        remove_stale_old(out)
+        if partial.exists():
+            other = _recorded_fingerprint(partial)
+            if other is None or other == fingerprint:
+                logger.info("removing %s, a stale copy of the same export", partial)
+                shutil.rmtree(partial)
+            else:
+                logger.warning("leaving %s alone: an unfinished export with other arguments (%s)", partial,
+                               ", ".join(_changed(fingerprint, other)))
+        return out / "bawa_report.json"
+    if (partial / PROGRESS_FILE).exists():
+        return None
+    complete = _complete_export(partial)
+    if complete is None:
+        return None
+    changed = _changed(fingerprint, complete)
+    if changed:
+        raise ValueError(f"--resume: the unfinished export in {partial} was made with other arguments "
+                         f"({', '.join(changed)}); rerun without --resume to start over")
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    logger.info("--resume: %s is complete, only its rename was missing; moving it to %s", partial, out)
+    publish(partial, out)
+    return out / "bawa_report.json"
 
 
 def _set_masked(targets: dict, dense: dict, masks: dict, weights: dict | None = None) -> None:
@@ -274,34 +362,45 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
     if method.needs_calibration and not cfg.calib:
         raise ValueError(f"--method {method.name} needs calibration text: pass --calib FILE or a dataset name")
 
+    arguments = _arguments(cfg, method)
+    fingerprint = _fingerprint(arguments)
+    if cfg.resume and (finished := _finish_earlier_run(cfg, fingerprint)) is not None:
+        return json.loads(finished.read_text())
     writer = CheckpointWriter(cfg.out, num_shards=decoder.num_layers + 1, overwrite=cfg.overwrite,
                               resumable=True, resume=cfg.resume)
-    fingerprint = _fingerprint(cfg, method)
     try:
         progress = writer.progress
         if progress is not None and progress["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if fingerprint[k] != progress["fingerprint"].get(k))
+            changed = _changed(fingerprint, progress["fingerprint"])
             raise ValueError(f"--resume: the unfinished export in {writer.tmp} was made with other arguments "
                              f"({', '.join(changed)}); rerun without --resume to start over")
         searching = getattr(method, "search", None) is not None
         target = cfg.loss_target if searching else "block"
         if progress is not None:
-            logger.info("resuming %s after block %d", cfg.out, progress["blocks_done"] - 1)
-            runner = BlockPruner.restore(decoder, writer.tmp / _STATE_FILE, cfg.forward_batch, target)
+            done = progress["blocks_done"]
+            logger.info("--resume: continuing %s at block %d of %d", cfg.out, done, decoder.num_layers)
+            state = _state_path(writer.tmp, done)
+            if cfg.calib and done < decoder.num_layers:
+                runner = BlockPruner.restore(decoder, state, cfg.forward_batch, target)
+            else:
+                runner = BlockPruner(decoder, None, cfg.forward_batch, target)
+            _drop_states(writer.tmp, keep=state)
         else:
             runner = BlockPruner(decoder, calibration_hidden(decoder, cfg), cfg.forward_batch, target)
             write_non_block(decoder, writer, out_dtype)
             progress = {"fingerprint": fingerprint, "blocks_done": 0, "blocks": []}
-            runner.save(writer.tmp / _STATE_FILE)
+            runner.save(_state_path(writer.tmp, 0))
             writer.save_progress(progress)
 
         blocks = progress["blocks"]
         for i in tqdm(range(progress["blocks_done"], decoder.num_layers), desc=f"prune {method.name} {cfg.pattern}",
                       disable=None, initial=progress["blocks_done"], total=decoder.num_layers):
             blocks.append(_prune_block(decoder, runner, method, cfg, i, targets_of[i], writer, out_dtype))
-            runner.save(writer.tmp / _STATE_FILE)  # the next block's inputs, then the record that names them
+            state = _state_path(writer.tmp, i + 1) if i + 1 < decoder.num_layers else None
+            if state is not None:
+                runner.save(state)  # the next block's inputs, then the record that names them
             writer.save_progress({**progress, "blocks_done": i + 1, "blocks": blocks})
-        (writer.tmp / _STATE_FILE).unlink(missing_ok=True)
+            _drop_states(writer.tmp, keep=state)
 
         writer.copy_side_files(decoder.ckpt.path)
         config = decoder.ckpt.config_dict()
@@ -315,8 +414,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
         writer.write_json("config.json", config)
         report = {
             "bawa_vllm_version": _version(),
-            "arguments": {**asdict(cfg), "pattern": str(cfg.pattern), "method": method.name,
-                          "search": asdict(method.search) if getattr(method, "search", None) else None},
+            "arguments": arguments,
             "model_type": decoder.config.model_type,
             "num_blocks": decoder.num_layers,
             "dtype": _DTYPE_NAMES[out_dtype],
