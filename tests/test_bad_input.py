@@ -102,6 +102,7 @@ def test_existing_out_refused_then_overwritten(tmp_path, capsys, llama_dir):
     assert not (out / "keep.txt").exists() and (out / "bawa_report.json").exists()
 
 
+@pytest.mark.slow  # four exports
 def test_failure_mid_run_leaves_no_output_and_resumes(tmp_path, llama_dir, monkeypatch):
     """An interrupted run leaves no OUT, only its progress in .OUT.partial, which --resume finishes."""
     calls = {"n": 0}
@@ -138,10 +139,20 @@ def test_resume_without_partial_starts_over(tmp_path, caplog, llama_dir):
 
 
 def test_jsonl_gz_calibration(tmp_path, llama_dir):
+    """50 paragraphs as .jsonl.gz prune exactly as the same paragraphs as .txt, and not as the whole file."""
     import gzip
 
+    paragraphs = CALIB_TEXT.read_text().split("\n\n")[:50]
     path = tmp_path / "c.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        for para in CALIB_TEXT.read_text().split("\n\n")[:50]:
+        for para in paragraphs:
             f.write(json.dumps({"text": para}) + "\n")
-    assert _run(llama_dir, tmp_path / "out", "--method", "wanda", "--calib", str(path)) == 0
+    (tmp_path / "c.txt").write_text("\n\n".join(paragraphs))
+    for name, calib in (("gz", path), ("txt", tmp_path / "c.txt"), ("all", CALIB_TEXT)):
+        assert _run(llama_dir, tmp_path / name, "--method", "wanda", "--format", "dense", "--calib", str(calib)) == 0
+
+    def weights(out):
+        return {f.name: f.read_bytes() for f in out.glob("*.safetensors")}
+
+    assert weights(tmp_path / "gz") == weights(tmp_path / "txt")
+    assert weights(tmp_path / "gz") != weights(tmp_path / "all")

@@ -84,6 +84,7 @@ ARCHS = {
 }
 
 
+@pytest.mark.slow  # five exports and five full-model references
 @pytest.mark.parametrize("variant", list(ARCHS))
 def test_wanda_export_matches_in_memory_reference(variant, tmp_path, tokenizer_dir):
     arch = variant.split("-")[0]
@@ -185,6 +186,7 @@ def test_no_search_uses_initial_theta(tmp_path, llama_dir):
         assert all(layer["sparsity"] == pytest.approx(0.7, abs=0.02) for layer in b["layers"].values())
 
 
+@pytest.mark.slow  # fourteen exports
 @pytest.mark.parametrize("method,extra", [
     ("ria", []), ("sparsegpt", []), ("awp", []), ("awp", ["--awp-init", "bawa", "--no-search"]),
     ("wanda", ["--reconstruct", "admm"]), ("bawa", ["--reconstruct", "awp", "--no-search"]),

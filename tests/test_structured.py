@@ -106,6 +106,7 @@ def _reference_kept(src, plan: dict, method: str) -> list[tuple[list[int], list[
     return kept
 
 
+@pytest.mark.slow  # six exports
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["llm-bip", "structured-magnitude", "structured-random"])
 def test_pruned_equals_zeroed_original(arch, method, tmp_path, tokenizer_dir):
