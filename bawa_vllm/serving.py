@@ -6,6 +6,7 @@ to a log file so that a failed start can be reported with its cause.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_model(url: str, timeout: float = 30.0) -> str:
+    """The id of the first model that the OpenAI-compatible server at ``url`` lists."""
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=timeout) as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def chat_refusal(url: str, model: str | None = None, timeout: float = 300.0) -> str | None:
+    """Why the server at ``url`` refuses chat requests, or None if it answers one (one request, 1 token).
+
+    A base model whose tokenizer has no chat template gets HTTP 400 on every chat request (vLLM will not
+    guess a template); a load test that does not check first reports those as a stream of unexplained
+    failures. Only a 400 counts as a refusal: a server that cannot be reached or fails otherwise is left
+    for the load test to count, like any other failure.
+    """
+    try:
+        model = model or first_model(url)
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                           "max_tokens": 1}).encode()
+        request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=timeout).read()
+    except urllib.error.HTTPError as err:
+        if err.code != 400:
+            return None
+        text = err.read().decode(errors="replace")
+        try:  # vLLM: {"error": {"message": ...}}, older versions {"object": "error", "message": ...}
+            data = json.loads(text)
+            text = (data["error"] if isinstance(data.get("error"), dict) else data)["message"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return f"HTTP 400: {' '.join(text.split())[:300]}"
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+        return None
+    return None
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (vLLM's API server, engine core, workers), MiB."""
+    import psutil  # a vLLM dependency: present wherever a server runs
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
 
 
 class ServerFailed(RuntimeError):

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bawa_vllm.serving import ServerFailed, VllmServer, chat_refusal  # noqa: E402
+from bawa_vllm.serving import ServerFailed, VllmServer, tree_rss_mib, chat_refusal  # noqa: E402
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 
@@ -97,6 +97,7 @@ def bench_model(label: str, model: str, args, out: Path, env: dict) -> dict:
     try:
         with VllmServer(model, log, shlex.split(args.serve_args), env=env, timeout=args.start_timeout) as server:
             warm_up(server.url)
+            result["rss_mib_warm"] = round(tree_rss_mib(server.proc.pid), 1)
             refusal = None if env["BAWA_BENCH_ENDPOINT"] == "completions" else chat_refusal(server.url)
             if refusal is not None:
                 result["chat_refused"] = refusal
@@ -115,6 +116,7 @@ def bench_model(label: str, model: str, args, out: Path, env: dict) -> dict:
                 result["levels"].append({"concurrency": users, **summarise(records)})
                 result["endpoints"] = sorted({*result["endpoints"], *result["levels"][-1]["endpoints"]})
                 print(f"{label} u={users}: {result['levels'][-1]}", flush=True)
+            result["rss_mib_after_load"] = round(tree_rss_mib(server.proc.pid), 1)
         result["backend"] = backend_of(log)
     except (ServerFailed, OSError) as err:
         result["failed"] = f"server: {err}"
@@ -136,6 +138,10 @@ def markdown(report: dict) -> str:
     for side in (dense, sparse):
         refused = f" (chat refused: {side['chat_refused']})" if "chat_refused" in side else ""
         lines.append(f"- {side['label']} measured on: {', '.join(side['endpoints']) or 'nothing'}{refused}")
+    if dense.get("rss_mib_after_load") and sparse.get("rss_mib_after_load"):
+        d, sp = dense["rss_mib_after_load"], sparse["rss_mib_after_load"]
+        lines.append(f"- server RSS (process tree) after the load: dense {d:.0f} MiB, sparse {sp:.0f} MiB "
+                     f"(sparse − dense {sp - d:+.0f} MiB)")
     lines.append("")
     for side in (dense, sparse):
         if "failed" in side:

@@ -19,24 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from serve_compare import run_locust, summarise, warm_up  # noqa: E402
 
-from bawa_vllm.serving import VllmServer  # noqa: E402
-
-
-def tree_rss_mib(pid: int) -> float:
-    proc = psutil.Process(pid)
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+from bawa_vllm.serving import VllmServer, tree_rss_mib  # noqa: E402
 
 
 def main(argv=None) -> int:
