@@ -11,7 +11,10 @@ if ``BAWA_BENCH_RECORDS`` is set, one JSON line per request is appended to that 
 Options (environment variables, with defaults):
 
 - ``BAWA_BENCH_MODEL``: model name; default: the first entry of ``/v1/models``.
-- ``BAWA_BENCH_ENDPOINT`` = ``mixed``: ``completions``, ``chat`` or ``mixed`` (alternating).
+- ``BAWA_BENCH_ENDPOINT`` = ``mixed``: ``completions``, ``chat`` or ``mixed`` (alternating). Unless it is
+  ``completions``, one chat request is sent when the test starts: a server that refuses it with HTTP 400 (a
+  base model whose tokenizer has no chat template) gets completions only under ``mixed``, with one warning
+  line that says why, and stops the test under ``chat`` (exit status 1).
 - ``BAWA_BENCH_PROMPTS``: a text file of prompts (paragraphs separated by blank lines); unset: synthetic.
 - ``BAWA_BENCH_PROMPT_TOKENS`` = 128: synthetic prompt length (completions get exactly this many token
   ids; chat gets this many words).
@@ -24,12 +27,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 
 from locust import HttpUser, events, task
+from locust.runners import MasterRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bawa_vllm.serving import chat_refusal  # noqa: E402
 
 MODEL = os.environ.get("BAWA_BENCH_MODEL")
 ENDPOINT = os.environ.get("BAWA_BENCH_ENDPOINT", "mixed")
@@ -45,6 +55,29 @@ _user_ids = itertools.count()
 _records_lock = threading.Lock()
 if ENDPOINT not in ("completions", "chat", "mixed"):
     raise ValueError(f"BAWA_BENCH_ENDPOINT={ENDPOINT!r}: choose completions, chat or mixed")
+_endpoint = ENDPOINT  # what the users send: "mixed" becomes "completions" where the server refuses chat
+
+
+@events.test_start.add_listener
+def check_chat(environment, **_kwargs) -> None:
+    """Before any load: one chat request, so that a server that refuses chat is said once, not counted as a
+    quarter of all requests failed (``mixed``) or all of them (``chat``)."""
+    global _endpoint
+    _endpoint = ENDPOINT
+    if ENDPOINT == "completions" or isinstance(environment.runner, MasterRunner):
+        return  # in a distributed run the workers send the requests, and each checks for itself
+    refusal = chat_refusal(environment.host, MODEL)
+    if refusal is None:
+        return
+    if ENDPOINT == "mixed":
+        _endpoint = "completions"
+        logging.warning("%s refuses chat requests (%s): measuring completions only; set "
+                        "BAWA_BENCH_ENDPOINT=completions to skip this check", environment.host, refusal)
+        return
+    logging.error("BAWA_BENCH_ENDPOINT=chat, but %s refuses chat requests (%s); the model has no chat template? "
+                  "set BAWA_BENCH_ENDPOINT=completions", environment.host, refusal)
+    environment.process_exit_code = 1
+    environment.runner.quit()
 
 
 def _text_prompts() -> list[str] | None:
@@ -92,7 +125,7 @@ class OpenAIUser(HttpUser):
 
     @task
     def generate(self) -> None:
-        kind = ENDPOINT if ENDPOINT != "mixed" else ("completions", "chat")[self.turn % 2]
+        kind = _endpoint if _endpoint != "mixed" else ("completions", "chat")[self.turn % 2]
         self.turn += 1
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         start = time.perf_counter()

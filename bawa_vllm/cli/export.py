@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated modules to leave dense: full names, dotted suffixes or globs")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--resume", action="store_true",
-                    help="continue an interrupted export of --out from its last finished block (same arguments)")
+                    help="continue an interrupted export of --out from its last finished block (same arguments); "
+                         "safe on every attempt: starts over if no block was finished, does nothing if --out is "
+                         "already finished with these arguments")
     ap.add_argument("--format", choices=("auto", "packed", "dense"), default="auto",
                     help="packed: 2:4-packed values + metadata for the vLLM plugin (default for 2:4); "
                          "dense: masked dense weights that any loader reads")
