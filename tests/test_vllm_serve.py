@@ -130,14 +130,14 @@ def test_packed_qwen2_and_mistral_serve_like_transformers(arch, overrides, tmp_p
     from bawa_vllm.modeling.checkpoint import Checkpoint
 
     src = save_model(make_config(arch, layers=2, hidden=128, **overrides), tmp_path / "src", tokenizer_dir)
-    if arch == "qwen2":  # biases of the weights' scale (they are noise of 0.02 otherwise): dropping them must show
+    if arch == "qwen2":  # biases of the weights' scale (noise of 0.02 otherwise), so that dropping them shows
         tensors = load_file(src / "model.safetensors")
         save_file({k: v * 50 if k.endswith("_proj.bias") else v for k, v in tensors.items()},
                   src / "model.safetensors", metadata={"format": "pt"})
     for fmt in ("packed", "dense"):
         assert export_main(["--model", str(src), "--out", str(tmp_path / fmt), "--method", "wanda",
-                            "--sparsity", "2:4", "--calib", str(CALIB_TEXT), "--nsamples", "4", "--seqlen", "32",
-                            "--format", fmt]) == 0
+                            "--sparsity", "2:4", "--calib", str(CALIB_TEXT), "--nsamples", "4",
+                            "--seqlen", "32", "--format", fmt]) == 0
     packed_keys = Checkpoint(tmp_path / "packed").weight_map
     assert ("model.layers.0.self_attn.q_proj.bias" in packed_keys) == (arch == "qwen2")
     assert "model.layers.0.self_attn.q_proj.weight_values" in packed_keys
@@ -145,8 +145,8 @@ def test_packed_qwen2_and_mistral_serve_like_transformers(arch, overrides, tmp_p
                     env=ENV) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         model_id = client.models.list().data[0].id
-        served = [client.completions.create(model=model_id, prompt=p, max_tokens=12, temperature=0.0, logprobs=0,
-                                            extra_body={"return_tokens_as_token_ids": True}).choices[0]
+        served = [client.completions.create(model=model_id, prompt=p, max_tokens=12, temperature=0.0,
+                                            logprobs=0, extra_body={"return_tokens_as_token_ids": True}).choices[0]
                   for p in PROMPTS]
     assert "quantization=bawa-sparse" in (tmp_path / "packed.log").read_text()
     tok = AutoTokenizer.from_pretrained(tmp_path / "dense")
