@@ -81,6 +81,12 @@ def warm_up(url: str, n: int = 3) -> None:
         urllib.request.urlopen(req, timeout=300).read()
 
 
+def server_rss(server) -> float | None:
+    """The server's process-tree RSS in MiB, or None for a server this process did not start."""
+    proc = getattr(server, "proc", None)
+    return None if proc is None else round(tree_rss_mib(proc.pid), 1)
+
+
 def backend_of(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if "bawa-sparse: " in line and " backend" in line]
     return lines[0].split("bawa-sparse: ", 1)[1] if lines else "vLLM's own dense linears (no quantization)"
@@ -97,7 +103,7 @@ def bench_model(label: str, model: str, args, out: Path, env: dict) -> dict:
     try:
         with VllmServer(model, log, shlex.split(args.serve_args), env=env, timeout=args.start_timeout) as server:
             warm_up(server.url)
-            result["rss_mib_warm"] = round(tree_rss_mib(server.proc.pid), 1)
+            result["rss_mib_warm"] = server_rss(server)
             refusal = None if env["BAWA_BENCH_ENDPOINT"] == "completions" else chat_refusal(server.url)
             if refusal is not None:
                 result["chat_refused"] = refusal
@@ -116,7 +122,7 @@ def bench_model(label: str, model: str, args, out: Path, env: dict) -> dict:
                 result["levels"].append({"concurrency": users, **summarise(records)})
                 result["endpoints"] = sorted({*result["endpoints"], *result["levels"][-1]["endpoints"]})
                 print(f"{label} u={users}: {result['levels'][-1]}", flush=True)
-            result["rss_mib_after_load"] = round(tree_rss_mib(server.proc.pid), 1)
+            result["rss_mib_after_load"] = server_rss(server)
         result["backend"] = backend_of(log)
     except (ServerFailed, OSError) as err:
         result["failed"] = f"server: {err}"
