@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bawa_vllm import kernels
 from bawa_vllm.kernels import cpu
 from bawa_vllm.pruning.masks import SparsityPattern, apply_mask_, keep_mask
-from bawa_vllm.sparse.format import PackedFormatError, pack_24, positions
+from bawa_vllm.sparse.format import PackedFormatError, pack_24
 
 pytestmark = pytest.mark.skipif(cpu._cpu_reason() is not None, reason=f"CPU kernel cannot run: {cpu._cpu_reason()}")
 
@@ -44,7 +44,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512)])
+@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120)])
 def test_op_matches_dense_masked(dtype, n, k):
     """Every M regime (packed GEMV up to cpu.SMALL_M_MAX, panels above), K tails of 8/16/24, with/without bias."""
     w = _weight(n, k, dtype)
@@ -73,7 +73,8 @@ def test_small_and_large_m_paths_agree(monkeypatch):
 
 
 def _tiled(t: torch.Tensor, word: int, tail: int) -> torch.Tensor:
-    """Reference of the CPU layout's row tiling: blocks of 4 rows interleaved word by word, tail words after."""
+    """Reference of the CPU layout's row tiling: blocks of 4 rows interleaved word by word (64 columns: 32 values,
+    8 metadata bytes), the K % 64 tail after the whole words, the N % 4 last rows row-major."""
     n, length = t.shape
     blocks, words = n // 4, (length - tail) // word
     head = t[: blocks * 4].reshape(blocks, 4, length)
@@ -82,15 +83,12 @@ def _tiled(t: torch.Tensor, word: int, tail: int) -> torch.Tensor:
     return torch.cat([tiled.reshape(-1), t[blocks * 4 :].reshape(-1)]).reshape(n, length)
 
 
-def test_one_packed_copy_in_tiled_bitmask_layout():
-    """The layer keeps values + a same-size bitmask, re-tiled in place: 9/16 of the dense bytes, nothing else."""
-    n, k = 66, 264  # N % 4 rows and K % 32 columns left over
+def test_one_packed_copy_in_tiled_layout():
+    """The layer keeps the on-disk values and metadata, rows re-tiled in place: 9/16 of the dense bytes, nothing else."""
+    n, k = 66, 296  # N % 4 rows and K % 64 columns (40) left over
     w = _weight(n, k, torch.bfloat16)
     values, meta = pack_24(w)
-    pos = positions(meta)  # [N, K/4, 2] kept positions of each group
-    group_bits = (1 << pos[..., 0]) | (1 << pos[..., 1])  # the group's 4-bit column mask
-    bitmask = (group_bits[:, 0::2] | (group_bits[:, 1::2] << 4)).to(torch.uint8)
-    expected_values, expected_meta = _tiled(values, 16, (k % 32) // 2), _tiled(bitmask, 4, (k % 32) // 8)
+    expected_values, expected_meta = _tiled(values, 32, (k % 64) // 2), _tiled(meta, 8, (k % 64) // 8)
     packed = kernels.prepare(values, meta, backend=kernels.CPU)
     assert packed.values.data_ptr() == values.data_ptr() and packed.meta.data_ptr() == meta.data_ptr()  # in place
     held = sum(t.numel() * t.element_size() for t in packed.tensors().values())

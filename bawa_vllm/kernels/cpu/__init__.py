@@ -1,10 +1,10 @@
 """The ``cpu`` backend: an AVX-512 C++ kernel (``sparse24.cpp``) that reads the packed 2:4 weight directly.
 
-Layout kept per layer (re-tiled at load, in place: the same two tensors, shapes and bytes as on disk): the
-metadata's 2-bit positions become a column bitmask, so that a 32-bit word of it is the lane mask of 32
-columns whose 16 kept values sit at a fixed offset (the kernel expands them in registers with one
-``vpexpandw``), and rows are interleaved in blocks of 4, word by word, so that the kernel, which works on 4
-rows at once, streams one contiguous run of values and one of mask bytes (the C++ file says more).
+Layout kept per layer: the on-disk ``values [N, K/2]`` and ``meta [N, K/8]`` (2-bit positions), re-ordered at
+load in place (same tensors, shapes and bytes): rows interleaved in blocks of 4, word by word (64 columns: 32
+values, 8 metadata bytes), so that the kernel, which works on 4 rows at once, streams one contiguous run of
+values and one of metadata. The kernel gathers x to the kept values (``vpmultishiftqb`` + ``vpermt2w``) rather
+than expanding the weights; the C++ file says why.
 
 Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
 (``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a
@@ -34,14 +34,17 @@ from ...sparse.format import META_SUFFIX, PackedFormatError
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("sparse24.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi2", "-mfma", "-mf16c"]
-# What the CPU must have (as /proc/cpuinfo names it): vpexpandw is AVX512_VBMI2 (Ice Lake, Sapphire Rapids, Zen 4 on).
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "fma", "f16c")
-# Token counts up to this run the packed GEMV; above it, panels are decompressed for a dense GEMM.
-# Measured with benchmarks/gemm.py on the SmolLM2/Llama-3.2-1B/Llama-3-8B shapes (see the README table).
-SMALL_M_MAX = 16
-# Bytes of the dense panel each thread decompresses before its GEMM (large M).
-PANEL_BYTES = 1 << 20
+_FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512vbmi2", "-mfma", "-mf16c"]
+# What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
+# (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
+# Token counts up to this run the packed GEMV; above it, panels are decompressed for a dense GEMM. Measured
+# against vLLM's own CPU GEMM on Llama-3.2-1B shapes (1 thread, Zen 4): the GEMV is ahead of the panel path up
+# to M = 64 and behind it at M = 128.
+SMALL_M_MAX = 64
+# Bytes of the dense panel each thread decompresses before its GEMM (large M): 4 MiB measured best among
+# 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
+PANEL_BYTES = 4 << 20
 
 _module: ModuleType | None = None
 _error: str | None = None
