@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, ImportError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows every option's default, except for flags and options that have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def description(doc: str) -> str:
+    """A module docstring as ``--help`` text: without reStructuredText's double-backquote literal markup."""
+    return doc.replace("``", "")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -32,6 +32,7 @@ from ..sparse.format import pack_state_dict, quantization_config
 from .masks import SparsityPattern, apply_mask_
 from .methods import BlockJob, PruningMethod
 from .reconstruction import output_error
+from .search import theta_summary
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +215,10 @@ def _drop_states(tmp: Path, keep: Path | None) -> None:
 def _arguments(cfg: ExportConfig, method: PruningMethod) -> dict:
     """The export's arguments as the report records them (JSON types: they compare with a read-back)."""
     search = getattr(method, "search", None)
+    theta_init = getattr(method, "theta_init", None)
     return json.loads(json.dumps({**asdict(cfg), "pattern": str(cfg.pattern), "method": method.name,
-                                  "search": asdict(search) if search else None}))
+                                  "search": asdict(search) if search else None,
+                                  "theta_init": theta_init.to_json() if theta_init else None}))
 
 
 def _fingerprint(arguments: dict) -> dict:
@@ -361,6 +364,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
                  cfg.pattern)
     if method.needs_calibration and not cfg.calib:
         raise ValueError(f"--method {method.name} needs calibration text: pass --calib FILE or a dataset name")
+    method.check_targets(block_linears)
 
     arguments = _arguments(cfg, method)
     fingerprint = _fingerprint(arguments)
@@ -374,7 +378,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             changed = _changed(fingerprint, progress["fingerprint"])
             raise ValueError(f"--resume: the unfinished export in {writer.tmp} was made with other arguments "
                              f"({', '.join(changed)}); rerun without --resume to start over")
-        searching = getattr(method, "search", None) is not None
+        searching = method.needs_block_loss  # only then is the block loss (and its target) ever evaluated
         target = cfg.loss_target if searching else "block"
         if progress is not None:
             done = progress["blocks_done"]
@@ -423,6 +427,7 @@ def prune_checkpoint(cfg: ExportConfig, method: PruningMethod) -> dict:
             "format": "packed-2:4" if cfg.packed else "dense",
             "sparsity": _overall_sparsity(blocks),
             "blocks": blocks,
+            "theta_summary": theta_summary(blocks),
             "seconds": round(time.time() - t_start, 3),
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -481,8 +486,14 @@ def _prune_block(decoder, runner: BlockPruner, method: PruningMethod, cfg: Expor
              "rss_mib": round(peak_rss_mib(), 1)}
     if result.search:
         s = result.search
-        logger.info("block %d: loss %.5g -> %.5g after search (%d steps), %.1f s",
-                    i, s["initial_loss"], s["best_loss"], s["steps"], entry["seconds"])
+        coarse = s.get("coarse")
+        coarse_note = "" if not coarse else " coarse-stage layer error vs Wanda %.3f (mean of %d linears);" % (
+            sum(c["error_vs_wanda"] or 1.0 for c in coarse.values()) / len(coarse), len(coarse))
+        line_note = "" if "line" not in s else " line stage t = %g;" % s["line"]["t"]
+        zo_note = "" if "initial_loss" not in s else " zeroth-order loss %.5g -> %.5g (%d steps);" % (
+            s["initial_loss"], s["best_loss"], s["steps"])
+        logger.info("block %d:%s%s%s loss %.5g, %.1f s", i, coarse_note, line_note, zo_note, block_loss,
+                    entry["seconds"])
     else:
         logger.info("block %d: loss %s, %.1f s", i, "n/a" if block_loss is None else f"{block_loss:.5g}", entry["seconds"])
     del layer, modules, targets, dense, act, gram

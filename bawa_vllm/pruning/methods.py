@@ -16,9 +16,8 @@ from torch import nn
 from .masks import SparsityPattern, keep_mask
 from .metrics import BawaNorms, magnitude_scores, ria_scores, wanda_scores
 from .reconstruction import admm_update, awp_pgd, sparsegpt
-from .search import SearchConfig, zeroth_order_search
-
-BAWA_INIT_THETA = (1.0, 1.0, 0.5)
+from .search import (BAWA_INIT_THETA, MAGNITUDE_THETA, WANDA_THETA, SearchConfig, ThetaInit, coarse_search,
+                     line_search, zeroth_order_search)
 
 
 @dataclass
@@ -49,6 +48,11 @@ class PruningMethod(ABC):
     name: str
     needs_calibration: bool = True
     needs_gram: bool = False  # the engine then accumulates XᵀX per target
+    needs_block_loss: bool = False  # the engine then carries what the block-loss oracle compares with
+
+    def check_targets(self, names: list[str]) -> None:
+        """Called with the block's linear names before any work, to reject settings that name none of them;
+        methods without such settings accept any."""
 
     @abstractmethod
     def prune_block(self, job: BlockJob) -> BlockMasks: ...
@@ -75,35 +79,95 @@ class Wanda(PruningMethod):
         })
 
 
+_MIN_COARSE_ROWS = 64  # fewer rows estimate the layer error too noisily to rank Θ candidates
+
+
 class Bawa(PruningMethod):
-    """BaWA: magnitude normalisation + outlier regularisation, with Θ searched per layer per block."""
+    """BaWA: magnitude normalisation + outlier regularisation, with Θ searched per layer per block.
+
+    The search has three stages (each can be switched off in :class:`SearchConfig`): the coarse stage
+    picks each linear's Θ by its layer-output error from the Gram matrix (no block forward, see
+    :func:`coarse_search`); the line stage moves the whole block's Θ along the segment towards the initial
+    Θ as far as the block loss on held-out windows says (:func:`line_search`, a few forwards of a quarter
+    of the windows); the zeroth-order steps (off by default) refine all of the block's Θ together against
+    the block loss, which needs many block forwards.
+    """
 
     name = "bawa"
 
-    def __init__(self, search: SearchConfig | None = None, init: tuple[float, float, float] = BAWA_INIT_THETA):
+    def __init__(self, search: SearchConfig | None = None,
+                 init: ThetaInit | tuple[float, float, float] = BAWA_INIT_THETA):
         self.search = search  # None: keep the initial Θ (--no-search)
-        self.init = init
+        self.theta_init = init if isinstance(init, ThetaInit) else ThetaInit(default=tuple(init))
+
+    @property
+    def needs_block_loss(self) -> bool:
+        """Only the line and zeroth-order stages run block forwards with candidate masks."""
+        return self.search is not None and (self.search.epochs > 0 or self._line_stage)
+
+    @property
+    def _line_stage(self) -> bool:
+        return self.search.line_points > 1 and self.search.coarse_evals > 0
+
+    def check_targets(self, names: list[str]) -> None:
+        self.theta_init.check_names(names)
 
     def prune_block(self, job: BlockJob) -> BlockMasks:
         names = list(job.dense)
         norms = {n: BawaNorms.of(job.dense[n], job.act_sum_sq[n]) for n in names}
 
-        def masks_at(theta: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {n: keep_mask(norms[n].scores(*theta[k].tolist()), job.pattern, n) for k, n in enumerate(names)}
+        def mask_of(n: str, theta) -> torch.Tensor:
+            return keep_mask(norms[n].scores(*theta), job.pattern, n)
 
-        theta0 = torch.tensor([self.init] * len(names), dtype=torch.float64)
-        info = None
-        theta = theta0
-        if self.search is not None and job.loss is not None:
+        def masks_at(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {n: mask_of(n, theta[k].tolist()) for k, n in enumerate(names)}
+
+        theta = torch.tensor([self.theta_init.for_layer(n) for n in names], dtype=torch.float64)
+        info: dict | None = None
+        if self.search is not None and self.search.coarse_evals > 0 and job.gram is not None:
+            info = {"coarse": {}}
+            for k, n in enumerate(names):
+                res = self._coarse(job, n, norms[n], tuple(theta[k].tolist()), k)
+                theta[k] = torch.tensor(res.theta, dtype=torch.float64)
+                wanda = res.seed_errors["wanda"]
+                info["coarse"][n] = {"evals": res.evals,
+                                     "error_vs_wanda": round(res.error / wanda, 6) if wanda else None}
+        if info is not None and self._line_stage and job.loss is not None:
+            init = torch.tensor([self.theta_init.for_layer(n) for n in names], dtype=torch.float64)
+            line = line_search(lambda th, idx: job.loss(masks_at(th), idx), theta, init, job.n_samples, self.search)
+            theta = line.theta
+            info["line"] = {"t": line.t, "losses": line.losses}
+        if self.search is not None and self.search.epochs > 0 and job.loss is not None:
             result = zeroth_order_search(
-                lambda th, idx: job.loss(masks_at(th), idx), theta0, job.n_samples, self.search,
+                lambda th, idx: job.loss(masks_at(th), idx), theta, job.n_samples, self.search,
                 desc=f"search block {job.index}",
             )
             theta = result.theta
-            info = {"initial_loss": result.initial_loss, "best_loss": result.best_loss,
+            info = {**(info or {}), "initial_loss": result.initial_loss, "best_loss": result.best_loss,
                     "epoch_losses": result.epoch_losses, "steps": result.steps}
         return BlockMasks(masks_at(theta), {n: [round(v, 6) for v in theta[k].tolist()] for k, n in enumerate(names)},
                           info)
+
+    def _coarse(self, job: BlockJob, name: str, norms: BawaNorms, init: tuple[float, float, float], k: int):
+        """The coarse stage for one linear: its layer-output error ||(W − Ŵ)X||² = Σ_rows δ G δᵀ, estimated
+        during the search on a fixed, seeded subset of the output rows (masks are per row, so a row's mask
+        and error do not depend on the others), then confirmed on all rows."""
+        weight, gram = job.dense[name].float(), job.gram[name]
+        n_rows = weight.shape[0]
+        subset = min(n_rows, max(_MIN_COARSE_ROWS, round(n_rows * self.search.coarse_rows)))
+        gen = torch.Generator().manual_seed(self.search.seed * 1_000_003 + job.index * 101 + k)
+        rows = torch.randperm(n_rows, generator=gen)[:subset].sort().values
+        part = BawaNorms(norms.abs_weight[rows], norms.col_norm, norms.row_norm[rows], norms.act_norm)
+        part_weight = weight[rows]
+
+        def error(th, norms=norms, weight=weight) -> float:
+            removed = weight.masked_fill(keep_mask(norms.scores(*th), job.pattern, name), 0.0)  # ΔW = W − Ŵ
+            return float(torch.mm(removed, gram).mul_(removed).sum())
+
+        seeds = {"wanda": WANDA_THETA, "init": init, "magnitude": MAGNITUDE_THETA}
+        estimate = (lambda th: error(th, part, part_weight)) if subset < n_rows else error
+        return coarse_search(estimate, seeds, self.search.coarse_evals, self.search.coarse_steps,
+                             confirm_fn=error if subset < n_rows else None)
 
 
 class Ria(PruningMethod):
@@ -144,6 +208,11 @@ class Awp(PruningMethod):
     def __init__(self, init: PruningMethod, iters: int = 200, tol: float = 1e-5):
         self.init, self.iters, self.tol = init, iters, tol
         self.search = getattr(init, "search", None)
+        self.theta_init = getattr(init, "theta_init", None)
+        self.needs_block_loss = init.needs_block_loss
+
+    def check_targets(self, names: list[str]) -> None:
+        self.init.check_targets(names)
 
     def prune_block(self, job: BlockJob) -> BlockMasks:
         start = self.init.prune_block(job)
@@ -165,6 +234,11 @@ class Reconstructed(PruningMethod):
         self.base, self.kind, self.iters, self.options = base, kind, iters, options
         self.name = f"{base.name}+{kind}"
         self.search = getattr(base, "search", None)
+        self.theta_init = getattr(base, "theta_init", None)
+        self.needs_block_loss = base.needs_block_loss
+
+    def check_targets(self, names: list[str]) -> None:
+        self.base.check_targets(names)
 
     def prune_block(self, job: BlockJob) -> BlockMasks:
         result = self.base.prune_block(job)
@@ -181,14 +255,16 @@ class Reconstructed(PruningMethod):
 
 
 def make_method(name: str, search: SearchConfig | None = None, reconstruct: str = "none",
-                awp_init: str = "wanda", iters: int | None = None) -> PruningMethod:
-    """``search`` applies to BaWA (``None`` = ``--no-search``); ``reconstruct`` wraps any mask method."""
+                awp_init: str = "wanda", iters: int | None = None, theta_init: ThetaInit | None = None
+                ) -> PruningMethod:
+    """``search`` and ``theta_init`` apply to BaWA (``search=None`` = ``--no-search``: Θ stays at
+    ``theta_init``); ``reconstruct`` wraps any mask method."""
     if name == "magnitude":
         method = Magnitude()
     elif name == "wanda":
         method = Wanda()
     elif name == "bawa":
-        method = Bawa(search)
+        method = Bawa(search, theta_init or ThetaInit())
     elif name == "ria":
         method = Ria()
     elif name == "sparsegpt":
@@ -196,7 +272,7 @@ def make_method(name: str, search: SearchConfig | None = None, reconstruct: str 
     elif name == "awp":
         if awp_init not in ("wanda", "bawa"):
             raise ValueError(f"--awp-init {awp_init!r}: choose wanda or bawa")
-        method = Awp(make_method(awp_init, search), **({"iters": iters} if iters else {}))
+        method = Awp(make_method(awp_init, search, theta_init=theta_init), **({"iters": iters} if iters else {}))
     else:
         raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}")
     if reconstruct != "none":
