@@ -1,10 +1,15 @@
-"""Perplexity of pruning methods side by side, in one run, on a given model and text.
+"""Perplexity and export time of pruning methods side by side, in one run, on a given model and text.
 
 Rows: dense, magnitude, wanda, ria, sparsegpt, bawa --no-search, bawa (searched Θ), bawa+admm,
 bawa+awp (reconstruction on BaWA's masks) and awp (PGD onto the sparsity set from Wanda's masks), at
-each sparsity given (default 50 %, 2:4, 4:8), with the export time of each. Every pruned model is exported with the real ``bawa-export`` pipeline
-into a temporary directory and evaluated with the streamed ``bawa-eval`` perplexity on held-out
-text. Writes ``quality.json``, ``quality.md`` and ``quality.png`` under ``--out``.
+each sparsity given (default 50 %, 2:4, 4:8), with the export wall time and CPU time of each (CPU time:
+this process's user + system seconds, which other jobs on a shared machine inflate less than wall
+time) and the bawa / wanda time ratio. ``--extra-seeds`` repeats ``--seed-methods`` at
+``--seed-sparsities`` with other seeds (other calibration windows). Every pruned model is exported
+with the real ``bawa-export`` pipeline into a temporary directory and evaluated with the streamed
+``bawa-eval`` perplexity on held-out text. Writes ``quality.json`` (after every row, so a run that is
+stopped keeps what it measured; a rerun with the same settings skips the rows already there),
+``quality.md`` and ``quality.png`` under ``--out``.
 
     python benchmarks/quality.py --model demo/model --calib demo/data/calib.txt --eval demo/data/eval.txt \
         --seqlen 256 --nsamples 64 --out benchmarks/results/demo
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,32 +49,79 @@ VARIANTS = [  # (label, method, search?, reconstruction)
 ]
 
 
+SETTINGS = ("model", "calib", "eval", "seqlen", "nsamples", "max_windows", "eval_dtype", "device")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _export_and_eval(args, windows, label: str, method: str, search: bool, recon: str, spec: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern.parse(spec),
+                           calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
+                           device=args.device)
+        t0, c0 = time.time(), cpu_seconds()
+        report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=seed) if search else None, recon))
+        seconds, cpu = time.time() - t0, cpu_seconds() - c0
+        ppl = streamed_perplexity(cfg.out, windows, args.device, args.eval_dtype)
+    row = {"method": label, "sparsity": spec, "seed": seed, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+           "measured_sparsity": report["sparsity"], **ppl}
+    if report.get("theta_summary"):
+        row["theta_summary"] = report["theta_summary"]
+        row["theta_blocks"] = [{n: layer["theta"] for n, layer in b["layers"].items()} for b in report["blocks"]]
+    searches = [b["search"] for b in report["blocks"] if b["search"]]
+    if searches:  # what each stage of BaWA's search did, block by block
+        row["search"] = {
+            "coarse_error_vs_wanda": [round(sum(c["error_vs_wanda"] or 1.0 for c in s_["coarse"].values())
+                                            / len(s_["coarse"]), 5) for s_ in searches if "coarse" in s_],
+            "line_t": [s_["line"]["t"] for s_ in searches if "line" in s_],
+        }
+    return row
+
+
 def run(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     windows = evaluation_windows(load_documents(args.eval), tokenizer, args.seqlen, args.max_windows)
-    rows = [{"method": "dense", "sparsity": "-", "seconds": 0.0,
-             **streamed_perplexity(args.model, windows, args.device, args.eval_dtype)}]
-    logging.info("dense: ppl %.3f", rows[0]["perplexity"])
-    structured = run_structured(args, windows) if args.structured_ratios else None
+    settings = {k: str(getattr(args, k)) if getattr(args, k) is not None else None for k in SETTINGS}
+    path = args.out / "quality.json"
+    done = {}
+    for source in [path, *(Path(d) / "quality.json" for d in args.reuse)]:
+        previous = json.loads(source.read_text()) if source.exists() else None
+        if previous is not None and previous.get("settings") == settings:
+            rows = {(r["method"], r["sparsity"], r.get("seed", previous["seed"])): r for r in previous["rows"]}
+            logging.info("reusing %d rows of %s (same settings)", len(rows), source)
+            done.update(rows)
+    result = {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
+              "nsamples": args.nsamples, "seed": args.seed, "settings": settings, "rows": [], "structured": None}
+
+    def add(row: dict) -> None:
+        result["rows"].append(row)
+        result["eval_tokens"] = result["rows"][0]["tokens"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+    dense = done.get(("dense", "-", args.seed)) or {
+        "method": "dense", "sparsity": "-", "seed": args.seed, "seconds": 0.0, "cpu_seconds": 0.0,
+        **streamed_perplexity(args.model, windows, args.device, args.eval_dtype)}
+    add(dense)
+    logging.info("dense: ppl %.3f", dense["perplexity"])
+    result["structured"] = run_structured(args, windows) if args.structured_ratios else None
     for spec in args.sparsities:
-        for label, method, search, recon in VARIANTS:
-            if args.methods and label not in args.methods:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern.parse(spec),
-                                   calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                   device=args.device)
-                t0 = time.time()
-                report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=args.seed) if search else None,
-                                                           recon))
-                seconds = time.time() - t0
-                ppl = streamed_perplexity(cfg.out, windows, args.device, args.eval_dtype)
-            rows.append({"method": label, "sparsity": spec, "seconds": round(seconds, 2),
-                         "measured_sparsity": report["sparsity"], **ppl})
-            logging.info("%s %s: ppl %.3f (%.1f s)", label, spec, ppl["perplexity"], seconds)
-    return {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
-            "nsamples": args.nsamples, "seed": args.seed, "eval_tokens": rows[0]["tokens"], "rows": rows,
-            "structured": structured}
+        seeds = [args.seed] + (args.extra_seeds if spec in args.seed_sparsities else [])
+        for seed in seeds:
+            variants = {v[0]: v for v in VARIANTS}
+            for label in args.methods or list(variants):  # in the order given: the first ones matter most
+                _, method, search, recon = variants[label]
+                if seed != args.seed and label not in args.seed_methods:
+                    continue
+                row = done.get((label, spec, seed)) or _export_and_eval(args, windows, label, method, search, recon,
+                                                                        spec, seed)
+                add(row)
+                logging.info("%s %s seed %d: ppl %.3f (%.1f s wall, %.1f s CPU)", label, spec, seed,
+                             row["perplexity"], row["seconds"], row["cpu_seconds"])
+    return result
 
 
 STRUCTURED = ["llm-bip", "structured-magnitude", "structured-random"]
@@ -107,20 +161,48 @@ def structured_markdown(result: dict, dense_ppl: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(result: dict, label: str, spec: str, seed: int | None = None) -> dict | None:
+    seed = result["seed"] if seed is None else seed
+    return next((r for r in result["rows"] if r["method"] == label and r["sparsity"] == spec
+                 and r.get("seed", result["seed"]) == seed), None)
+
+
 def markdown(result: dict) -> str:
     specs = list(dict.fromkeys(r["sparsity"] for r in result["rows"] if r["sparsity"] != "-"))
     dense = result["rows"][0]["perplexity"]
+    labels = [v[0] for v in VARIANTS if any(r["method"] == v[0] for r in result["rows"])]
     lines = [f"Perplexity on `{result['eval']}` ({result['eval_tokens']} tokens, seqlen {result['seqlen']}); "
-             f"calibration `{result['calib']}`, {result['nsamples']} windows; dense {dense:.3f}.", "",
-             "| method | " + " | ".join(specs) + " | export time (s) |",
-             "|---|" + "---|" * (len(specs) + 1)]
-    for label, *_ in VARIANTS:
-        cells = [r for r in result["rows"] if r["method"] == label]
-        if not cells:
-            continue
-        ppl = " | ".join(f"{r['perplexity']:.3f}" for r in cells)
-        secs = " / ".join(f"{r['seconds']:.0f}" for r in cells)
-        lines.append(f"| {label} | {ppl} | {secs} |")
+             f"calibration `{result['calib']}`, {result['nsamples']} windows of {result['seqlen']} tokens, seed "
+             f"{result['seed']}; dense {dense:.3f}.", "",
+             "| method | " + " | ".join(specs) + " |", "|---|" + "---|" * len(specs)]
+    for label in labels:
+        cells = [_cell(result, label, s) for s in specs]
+        lines.append(f"| {label} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "-" for c in cells) + " |")
+    lines += ["", "Export time, wall seconds (CPU seconds of the process):", "",
+              "| method | " + " | ".join(specs) + " |", "|---|" + "---|" * len(specs)]
+    for label in labels:
+        cells = [_cell(result, label, s) for s in specs]
+        lines.append(f"| {label} | " + " | ".join(f"{c['seconds']:.0f} ({c['cpu_seconds']:.0f})" if c else "-"
+                                                   for c in cells) + " |")
+    ratios = []
+    for s in specs:
+        b, w = _cell(result, "bawa", s), _cell(result, "wanda", s)
+        ratios.append(f"{b['seconds'] / w['seconds']:.2f}x ({b['cpu_seconds'] / w['cpu_seconds']:.2f}x)"
+                      if b and w and w["seconds"] and w["cpu_seconds"] else "-")
+    if any(r != "-" for r in ratios):
+        lines.append("| **bawa / wanda** | " + " | ".join(ratios) + " |")
+    seeded = sorted({(r["method"], r["sparsity"]) for r in result["rows"]
+                     if r.get("seed", result["seed"]) != result["seed"]})
+    if seeded:
+        seeds = sorted({r.get("seed", result["seed"]) for r in result["rows"] if r["sparsity"] != "-"})
+        lines += ["", "Seeds (other calibration windows):", "",
+                  "| method | sparsity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+                  "|---|---|" + "---|" * (len(seeds) + 1)]
+        for label, spec in sorted(seeded, key=lambda k: (k[1], labels.index(k[0]) if k[0] in labels else 0)):
+            cells = [_cell(result, label, spec, s) for s in seeds]
+            vals = [c["perplexity"] for c in cells if c]
+            lines.append(f"| {label} | {spec} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "-" for c in cells)
+                         + f" | {statistics.mean(vals):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,12 +217,13 @@ def plot(result: dict, path: Path) -> None:
     labels = [v[0] for v in VARIANTS if any(r["method"] == v[0] for r in result["rows"])]
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
-        vals = [next(r["perplexity"] for r in result["rows"] if r["method"] == label and r["sparsity"] == s)
-                for s in specs]
-        ax.bar([i + k * width for i in range(len(specs))], vals, width, label=label)
+        cells = [_cell(result, label, s) for s in specs]
+        ax.bar([i + k * width for i, c in enumerate(cells) if c], [c["perplexity"] for c in cells if c], width,
+               label=label)
+    ax.set_yscale("log")
     ax.axhline(result["rows"][0]["perplexity"], color="k", ls="--", lw=1, label="dense")
     ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(specs))], specs)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("perplexity, log scale (lower is better)")
     ax.set_title(f"{Path(result['model']).name}: held-out perplexity by pruning method")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -159,9 +242,17 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-seeds", type=int, nargs="*", default=[],
+                    help="more seeds (calibration windows) for --seed-methods at --seed-sparsities")
+    ap.add_argument("--seed-methods", nargs="*", default=["wanda", "bawa"])
+    ap.add_argument("--seed-sparsities", nargs="*", default=["2:4"])
+    ap.add_argument("--tmp", default=None, help="where the temporary exports go (default: the system's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-dtype", default=None, help="perplexity compute dtype (default: the checkpoint's)")
-    ap.add_argument("--methods", nargs="+", default=None, help="only these rows (labels as in the table)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=[v[0] for v in VARIANTS],
+                    help="only these rows (labels as in the table), run in this order")
+    ap.add_argument("--reuse", nargs="*", default=[],
+                    help="result directories of earlier runs whose rows with the same settings are taken, not rerun")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

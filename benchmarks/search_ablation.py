@@ -1,19 +1,33 @@
-"""Does the Θ search beat ``--no-search`` on held-out text? Seeds x settings, BaWA at the given sparsities.
+"""Which stages of the Θ search pay off on held-out text, and what each costs? BaWA variants vs Wanda.
 
-Variants: no search; the default search (relative loss, lr 0.2, trust region 0.1, held-out selection,
-dense-model target); the same with the literal block target (``--search-target block``); and large steps
-(lr 1, trust region 0.25, 6 epochs). Each seed changes the calibration windows and the search's noise.
-Writes ``search_ablation.json`` and ``search_ablation.md``.
+Variants (``--variants``, default the first four):
 
-    python benchmarks/search_ablation.py --model demo/model --calib demo/data/calib.txt \\
-        --eval demo/data/eval.txt --out benchmarks/results/search-ablation
+- ``wanda``: the baseline, Θ fixed at (0, 0, 1);
+- ``no-search``: BaWA at the initial Θ (1, 1, 0.5), the paper's initialisation;
+- ``coarse``: the coarse stage only (each linear's Θ by its Gram-matrix output error; no block forward);
+- ``coarse+line``: the default search: the coarse stage, then the line stage (the block's Θ moved towards
+  the initial Θ as far as the block loss on held-out windows says);
+- ``coarse+line+zo``: the default, then the paper's zeroth-order steps (2 epochs, lr 0.2, model target);
+- ``zo-only``: the zeroth-order steps alone from the initial Θ (the search before this issue).
+
+Each row: held-out perplexity, export wall time and CPU time (this process's user + system seconds,
+which a machine shared with other jobs inflates less than wall time), and the mean over the model's
+linears of the final Θ's layer-output error relative to Wanda's. Each seed changes the calibration
+windows (and the zeroth-order noise). Writes ``search_ablation.json`` and ``search_ablation.md``.
+
+    python benchmarks/search_ablation.py --model ~/.cache/bawa-vllm/SmolLM2-135M-Instruct \\
+        --calib ../shared/data/wiki-summaries/wiki.train.txt --eval out/data/wiki-dev.txt \\
+        --sparsities 2:4 --nsamples 32 --seqlen 512 --max-windows 24 --out benchmarks/results/search-ablation-smollm2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import resource
 import tempfile
+import time
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -25,53 +39,91 @@ from bawa_vllm.pruning.masks import SparsityPattern
 from bawa_vllm.pruning.methods import make_method
 from bawa_vllm.pruning.search import SearchConfig
 
-VARIANTS = {  # label -> (search settings or None, loss target)
-    "no-search": (None, "model"),
-    "search (default)": ({}, "model"),
-    "search, block target": ({}, "block"),
-    "search, large steps": ({"lr": 1.0, "max_step": 0.25, "epochs": 6, "patience": 6}, "model"),
+VARIANTS = {  # label -> (method, search settings or None for no search)
+    "wanda": ("wanda", None),
+    "no-search": ("bawa", None),
+    "coarse": ("bawa", {"epochs": 0, "line_points": 0}),
+    "coarse+line": ("bawa", {}),
+    "coarse+line+zo": ("bawa", {"epochs": 2}),
+    "zo-only": ("bawa", {"epochs": 2, "coarse_evals": 0}),
 }
+DEFAULT_VARIANTS = ["wanda", "no-search", "coarse", "coarse+line"]
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def mean_masked_error(report: dict) -> float:
+    """Mean over linears of ||(W − Ŵ)X||² / ||WX||² with the mask alone (each block's own inputs)."""
+    errors = [layer["recon_error"]["masked"] for b in report["blocks"] for layer in b["layers"].values()]
+    return sum(errors) / len(errors)
+
+
+def run_variant(args, spec: str, seed: int, label: str, windows) -> dict:
+    method_name, search = VARIANTS[label]
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        cfg = ExportConfig(model=args.model, out=f"{tmp}/m", pattern=SparsityPattern.parse(spec), calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=seed, format="dense")
+        method = make_method(method_name, None if search is None else SearchConfig(seed=seed, **search))
+        t0, c0 = time.time(), cpu_seconds()
+        report = prune_checkpoint(cfg, method)
+        wall, cpu = time.time() - t0, cpu_seconds() - c0
+        ppl = streamed_perplexity(cfg.out, windows, dtype="float32")["perplexity"]
+    row = {"sparsity": spec, "seed": seed, "variant": label, "perplexity": ppl, "seconds": round(wall, 1),
+           "cpu_seconds": round(cpu, 1), "mean_layer_error": mean_masked_error(report)}
+    coarse = [c["error_vs_wanda"] for b in report["blocks"] if b["search"] and "coarse" in b["search"]
+              for c in b["search"]["coarse"].values() if c["error_vs_wanda"] is not None]
+    if coarse:
+        row["coarse_error_vs_wanda"] = sum(coarse) / len(coarse)
+    if report.get("theta_summary"):
+        row["theta_summary"] = report["theta_summary"]
+    return row
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [f"Held-out perplexity (`{args.eval}`, seqlen {args.seqlen}, fp32) of BaWA search variants on "
+             f"`{Path(args.model).name}`; calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}`. "
+             "Time: export wall / CPU seconds; layer error: mean over linears of ||(W − Ŵ)X||² / ||WX||².", "",
+             "| sparsity | seed | variant | perplexity | vs wanda | wall (s) | CPU (s) | layer error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next((w for w in rows if w["variant"] == "wanda" and w["sparsity"] == r["sparsity"]
+                    and w["seed"] == r["seed"]), None)
+        rel = f"{100 * (r['perplexity'] / ref['perplexity'] - 1):+.1f} %" if ref else "-"
+        lines.append(f"| {r['sparsity']} | {r['seed']} | {r['variant']} | {r['perplexity']:.2f} | {rel} | "
+                     f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['mean_layer_error']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--eval", required=True)
-    ap.add_argument("--sparsities", nargs="+", default=["2:4", "0.7"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval", required=True, help="development text (never the final evaluation text)")
+    ap.add_argument("--sparsities", nargs="+", default=["2:4"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    ap.add_argument("--tmp", default=None, help="where the temporary exports go (default: the system's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/search-ablation"))
     args = ap.parse_args(argv)
-    windows = evaluation_windows(load_documents(args.eval), AutoTokenizer.from_pretrained(args.model), args.seqlen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    windows = evaluation_windows(load_documents(args.eval), AutoTokenizer.from_pretrained(args.model), args.seqlen,
+                                 args.max_windows)
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in args.sparsities:
         for seed in args.seeds:
-            for label, (search, target) in VARIANTS.items():
-                with tempfile.TemporaryDirectory() as tmp:
-                    cfg = ExportConfig(model=args.model, out=f"{tmp}/m", pattern=SparsityPattern.parse(spec),
-                                       calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
-                                       format="dense", loss_target=target)
-                    method = make_method("bawa", None if search is None else SearchConfig(seed=seed, **search))
-                    report = prune_checkpoint(cfg, method)
-                    ppl = streamed_perplexity(cfg.out, windows, dtype="float32")["perplexity"]
-                rel = [b["search"]["best_loss"] / b["search"]["initial_loss"] for b in report["blocks"]] \
-                    if search is not None else None
-                rows.append({"sparsity": spec, "seed": seed, "variant": label, "perplexity": ppl,
-                             "block_loss_ratio": rel})
-                print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_ablation.json").write_text(json.dumps(rows, indent=2))
-    lines = ["Held-out perplexity of BaWA (fp32 evaluation); block-loss ratio = searched / initial calibration loss "
-             "per block.", "", "| sparsity | seed | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
-    for spec in args.sparsities:
-        for seed in args.seeds:
-            cells = [next(r for r in rows if r["sparsity"] == spec and r["seed"] == seed and r["variant"] == v)
-                     for v in VARIANTS]
-            lines.append(f"| {spec} | {seed} | " + " | ".join(f"{c['perplexity']:.3f}" for c in cells) + " |")
-    (args.out / "search_ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            for label in args.variants:
+                rows.append(run_variant(args, spec, seed, label, windows))
+                logging.info("%s", {k: v for k, v in rows[-1].items() if k != "theta_summary"})
+                (args.out / "search_ablation.json").write_text(json.dumps(rows, indent=2))  # partial results too
+                (args.out / "search_ablation.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
 
 
 if __name__ == "__main__":
