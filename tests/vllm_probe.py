@@ -1,6 +1,6 @@
 """Run a packed checkpoint in-process with vLLM's ``LLM`` and print, as JSON, what each bawa-sparse layer holds.
 
-    python tests/vllm_probe.py MODEL [PROMPT ...]
+    python tests/vllm_probe.py MODEL DTYPE [PROMPT ...]
 
 Output: ``{"layers": {name: {"bytes", "dense_bytes", "backend"}}, "tokens": [[ids...] per prompt]}``, the tokens
 of greedy completions. Used by tests/test_cpu_serving.py in a subprocess, so that vLLM's process-wide state
@@ -34,8 +34,8 @@ def layer_bytes(model) -> dict:
 def main() -> None:
     from vllm import LLM, SamplingParams
 
-    model, prompts = sys.argv[1], sys.argv[2:]
-    llm = LLM(model=model, max_model_len=128, gpu_memory_utilization=0.2, max_num_seqs=4)
+    model, dtype, prompts = sys.argv[1], sys.argv[2], sys.argv[3:]
+    llm = LLM(model=model, dtype=dtype, max_model_len=128, gpu_memory_utilization=0.2, max_num_seqs=4)
     layers = llm.apply_model(layer_bytes)[0]
     outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
     print("PROBE " + json.dumps({"layers": layers, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
