@@ -102,6 +102,8 @@ def run(args) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
 
+    if args.report_only and ("dense", "-", args.seed) not in done:
+        raise SystemExit("--report-only: no dense row with these settings in --out or --reuse")
     dense = done.get(("dense", "-", args.seed)) or {
         "method": "dense", "sparsity": "-", "seed": args.seed, "seconds": 0.0, "cpu_seconds": 0.0,
         **streamed_perplexity(args.model, windows, args.device, args.eval_dtype)}
@@ -115,6 +117,8 @@ def run(args) -> dict:
             for label in args.methods or list(variants):  # in the order given: the first ones matter most
                 _, method, search, recon = variants[label]
                 if seed != args.seed and label not in args.seed_methods:
+                    continue
+                if args.report_only and (label, spec, seed) not in done:
                     continue
                 row = done.get((label, spec, seed)) or _export_and_eval(args, windows, label, method, search, recon,
                                                                         spec, seed)
@@ -253,6 +257,8 @@ def main(argv=None) -> None:
                     help="only these rows (labels as in the table), run in this order")
     ap.add_argument("--reuse", nargs="*", default=[],
                     help="result directories of earlier runs whose rows with the same settings are taken, not rerun")
+    ap.add_argument("--report-only", action="store_true",
+                    help="export nothing: tables and plot from the rows of --out and --reuse (e.g. merging runs)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
