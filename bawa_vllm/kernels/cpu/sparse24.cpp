@@ -14,11 +14,11 @@
 // word's 64 metadata bits. One `vpmultishiftqb` pulls all 32 fields out (plus an and and an add), and one
 // `vpermt2w` per row of x gathers x's 64 columns into those 32 lanes. So a word costs one dot product per
 // row of x (the dense computation has two for 64 columns) and no expansion (a register `vpexpandw` measured
-// about 5 cycles on Zen 4 and bounded the first version of this kernel). Other dtypes (fp32, fp16, and bf16
+// about 5 cycles on Zen 5 and bounded the first version of this kernel). Other dtypes (fp32, fp16, and bf16
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
-// Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
-// rows of x, 4 rows of x per pass. Large M (prefill): each thread decompresses a panel of rows into a private
+// Small M (decode; for bf16 below the token-lanes range further down): each thread takes a range of row
+// blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass. Large M (prefill): each thread decompresses a panel of rows into a private
 // scratch buffer and runs a dense GEMM (`at::mm`) on it; no full dense copy ever exists.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
@@ -372,9 +372,193 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
+// ---------------------------------------------------------------- medium M (bf16): token lanes
+// From about 16 tokens the GEMV above is bound by its shuffles (one `vpermt2w` per dot product and row of x),
+// not by the weight stream. Token lanes swap the roles: a vector lane is a token, not a column. For a row of
+// W, a group of 4 columns keeps 2 values (v0, v1) at positions (p0, p1), one of 6 pairs; if x is given, per
+// group and pair, as 16 tokens' (x[t, 4g + p0], x[t, 4g + p1]) interleaved, one `vdpbf16ps` with (v0, v1)
+// broadcast adds the group's whole contribution for 16 tokens: 32 useful products per instruction, the
+// packed values read as stored, the pair chosen by the group's nibble (an offset, no shuffle). The expanded
+// x (`xs`: 6 pairs x 2 values per 4 columns, 3x x) is built once per block of up to 64 tokens and shared by
+// the threads, which split the rows of W. Measured against the GEMV (Zen 5, 1 thread): ahead at M = 16 and 32,
+// about even at 64, behind at 8 (half the lanes idle); behind the panels from M = 96 (each dot product needs
+// its own load of x, where a dense GEMM reuses a register). kernels/cpu/__init__.py has the figures.
+constexpr int kPairs = 6;
+constexpr int kPairP0[kPairs] = {0, 0, 0, 1, 1, 2};
+constexpr int kPairP1[kPairs] = {1, 2, 3, 2, 3, 3};
+// Bytes of expanded x per column chunk: it stays in a 32 KiB L1 beside the weights streaming through.
+constexpr int64_t kLanesChunkBytes = 24 << 10;
+
+// Pair index of a valid nibble p0 | p1 << 2 (invalid nibbles were rejected at load).
+struct PairTable {
+  int32_t of[16];
+  PairTable() {
+    for (int n = 0; n < 16; ++n) of[n] = 0;
+    for (int c = 0; c < kPairs; ++c) of[kPairP0[c] | (kPairP1[c] << 2)] = c;
+  }
+};
+const PairTable kPair;
+
+// xs[g][c][t] = (x[t, 4g + p0(c)], x[t, 4g + p1(c)]) as a u32 for every group g, from xt [K][tm] (bf16 bits,
+// tokens padded with zeros to tm = 16 * TB).
+void expand_tokens(const uint16_t* xt, int64_t tm, int64_t groups, uint16_t* xs) {
+  alignas(64) static const uint16_t interleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(interleave);
+  at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      uint16_t* dst = xs + g * kPairs * tm * 2;
+      for (int c = 0; c < kPairs; ++c) {
+        const uint16_t* a = xt + (4 * g + kPairP0[c]) * tm;
+        const uint16_t* b = xt + (4 * g + kPairP1[c]) * tm;
+        for (int64_t t = 0; t < tm; t += 16) {
+          const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t)));
+          const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t)));
+          _mm512_storeu_si512(dst + (c * tm + t) * 2, _mm512_permutex2var_epi16(lo, idx, hi));
+        }
+      }
+    }
+  });
+}
+
+// The 16 groups' pair offsets of one row's 64-bit word of nibbles, `slot` u16 apart, in vector registers
+// (nibbles to bytes, a pshufb table lookup, widen, scale): one scalar load per group in the loop after.
+inline void pair_offsets(uint64_t meta, int32_t slot, int32_t* out) {
+  const __m128i m = _mm_cvtsi64_si128(static_cast<long long>(meta));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(m, low), _mm_and_si128(_mm_srli_epi64(m, 4), low));
+  const __m128i table = _mm_setr_epi8(kPair.of[0], kPair.of[1], kPair.of[2], kPair.of[3], kPair.of[4], kPair.of[5],
+                                      kPair.of[6], kPair.of[7], kPair.of[8], kPair.of[9], kPair.of[10], kPair.of[11],
+                                      kPair.of[12], kPair.of[13], kPair.of[14], kPair.of[15]);
+  const __m512i pairs = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(table, nibbles));
+  _mm512_store_si512(out, _mm512_mullo_epi32(pairs, _mm512_set1_epi32(slot)));
+}
+
+// acc[r][:] (+)= the kNR rows of W over groups [g0, g1) for tm = 16 * TB tokens; acc_io holds kNR x tm fp32
+// (zeroed if `first`). Group g's nibble and value pair: in whole words (g / 16 < full) or in the K % 64 tail.
+// The dot products' latency (about 6 cycles) is hidden by independent chains: kNR rows x TB token vectors,
+// and for TB < 3 even and odd groups in separate accumulators (summed at the end).
+template <int TB>
+__attribute__((target("avx512bf16"))) void lanes_rows(const Rows<uint16_t>& w, int64_t full, int64_t g0, int64_t g1,
+                                                       const uint16_t* xs, float* acc_io, bool first) {
+  constexpr int64_t tm = 16 * TB;
+  constexpr int64_t gstride = kPairs * tm * 2;  // u16 per group of xs
+  constexpr int NA = TB < 3 ? 2 : 1;             // accumulators per (row, token vector)
+  __m512 acc[NA][kNR][TB];
+#pragma GCC unroll 4
+  for (int r = 0; r < kNR; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < TB; ++b) {
+      acc[0][r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_io + r * tm + 16 * b);
+      if constexpr (NA == 2) acc[1][r][b] = _mm512_setzero_ps();
+    }
+  const int64_t w0 = g0 / 16, w1 = std::min(full, (g1 + 15) / 16);
+  for (int64_t i = w0; i < w1; ++i) {  // chunks start on word boundaries, so word i is whole here
+    const uint16_t* xw = xs + i * 16 * gstride;
+    alignas(64) int32_t offs[kNR][16];
+    const uint32_t* v[kNR];
+#pragma GCC unroll 4
+    for (int r = 0; r < kNR; ++r) {
+      pair_offsets(load_meta8(w.m + i * w.m_word + r * w.m_row), tm * 2, offs[r]);
+      v[r] = reinterpret_cast<const uint32_t*>(w.v + i * w.v_word + r * w.v_row);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+#pragma GCC unroll 4
+      for (int r = 0; r < kNR; ++r) {
+        const uint16_t* s = xw + j * gstride + offs[r][j];
+        const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v[r][j])));
+#pragma GCC unroll 4
+        for (int b = 0; b < TB; ++b)
+          acc[j % NA][r][b] = _mm512_dpbf16_ps(acc[j % NA][r][b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
+      }
+    }
+  }
+  if (g1 > full * 16) {  // the K % 64 tail: (g1 - 16 full) groups after the whole words
+    const int64_t tail = g1 - full * 16;
+    const uint16_t* xw = xs + full * 16 * gstride;
+#pragma GCC unroll 4
+    for (int r = 0; r < kNR; ++r) {
+      alignas(64) int32_t offs[16];
+      pair_offsets(load_meta(w.mt + r * w.mt_row, tail / 2), tm * 2, offs);
+      const uint32_t* v = reinterpret_cast<const uint32_t*>(w.vt + r * w.vt_row);
+      for (int64_t j = 0; j < tail; ++j) {
+        const uint16_t* s = xw + j * gstride + offs[j];
+        const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v[j])));
+#pragma GCC unroll 4
+        for (int b = 0; b < TB; ++b)
+          acc[0][r][b] = _mm512_dpbf16_ps(acc[0][r][b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kNR; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < TB; ++b) {
+      __m512 sum = acc[0][r][b];
+      if constexpr (NA == 2) sum = _mm512_add_ps(sum, acc[1][r][b]);
+      _mm512_storeu_ps(acc_io + r * tm + 16 * b, sum);
+    }
+}
+
+// y [M, N] = x2 [M, K] Wᵀ for bf16, by blocks of up to 64 tokens; y is written in the output dtype. Per token
+// block, x is expanded once for all columns (shared by the threads); each thread then walks the columns in
+// chunks whose expansion fits L1 and, per chunk, all its rows, so every expanded x line it loads from L2
+// serves 4 x (its rows / 4) dot products, not 4 (the first version went row by row over all columns and was
+// bound by L2 loads). Accumulators go through `acc` (fp32, [rows, tm]) between chunks.
+void token_lanes(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
+  const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0);
+  const int64_t full = K / kWord, groups = K / 4, ngroups = row_groups(N);
+  const auto* vals = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* mk = meta.data_ptr<uint8_t>();
+  for (int64_t m0 = 0; m0 < M; m0 += 64) {
+    const int64_t mt = std::min<int64_t>(64, M - m0), tb = (mt + 15) / 16, tm = 16 * tb;
+    torch::Tensor xt = torch::zeros({K, tm}, x2.options());
+    xt.narrow(1, 0, mt).copy_(x2.narrow(0, m0, mt).t());
+    torch::Tensor xs = torch::empty({groups * kPairs * tm * 2}, values.options());
+    auto* xsp = reinterpret_cast<uint16_t*>(xs.data_ptr<c10::BFloat16>());
+    expand_tokens(reinterpret_cast<const uint16_t*>(xt.data_ptr<c10::BFloat16>()), tm, groups, xsp);
+    // Column chunks of whole words (the tail goes with the last one).
+    const int64_t chunk = std::max<int64_t>(16, kLanesChunkBytes / (kPairs * tm * 4) / 16 * 16);
+    torch::Tensor acc = torch::empty({ngroups * kNR, tm}, y.options().dtype(torch::kFloat));
+    float* accp = acc.data_ptr<float>();
+    at::parallel_for(0, ngroups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t g0 = 0; g0 < groups;) {
+        const int64_t g1 = g0 + chunk >= full * 16 ? groups : g0 + chunk;
+        const int64_t w0 = g0 / 16, w1 = std::min(full, g1 / 16);
+        for (int64_t b = begin; b < end; ++b) {
+          const Rows<uint16_t> w = rows_of(vals, mk, N, K, b);
+          // The rows' chunk is a short run (chunk / 16 words) every few KB: fetch two blocks ahead, since the
+          // hardware prefetchers do not follow such a walk and every block would start with a DRAM miss.
+          if (b + 2 < end && b + 2 < N / kNR) {
+            const Rows<uint16_t> ahead = rows_of(vals, mk, N, K, b + 2);
+            const char* pv = reinterpret_cast<const char*>(ahead.v + w0 * ahead.v_word);
+            for (int64_t o = 0; o < (w1 - w0) * ahead.v_word * 2; o += 64) _mm_prefetch(pv + o, _MM_HINT_T0);
+            const char* pm = reinterpret_cast<const char*>(ahead.m + w0 * ahead.m_word);
+            for (int64_t o = 0; o < (w1 - w0) * ahead.m_word; o += 64) _mm_prefetch(pm + o, _MM_HINT_T0);
+          }
+          float* a = accp + b * kNR * tm;
+          if (tb == 1) lanes_rows<1>(w, full, g0, g1, xsp, a, g0 == 0);
+          else if (tb == 2) lanes_rows<2>(w, full, g0, g1, xsp, a, g0 == 0);
+          else if (tb == 3) lanes_rows<3>(w, full, g0, g1, xsp, a, g0 == 0);
+          else lanes_rows<4>(w, full, g0, g1, xsp, a, g0 == 0);
+        }
+        g0 = g1;
+      }
+    });
+    // acc rows are row groups (kNR rows each, a leftover row repeated kNR times): rows of W in order up to
+    // N / kNR * kNR, then one group per leftover row.
+    const int64_t tiled = N / kNR * kNR;
+    auto out = y.narrow(0, m0, mt);
+    out.narrow(1, 0, tiled).copy_(acc.narrow(0, 0, tiled).narrow(1, 0, mt).t());
+    for (int64_t n = tiled; n < N; ++n)
+      out.narrow(1, n, 1).copy_(acc.narrow(0, tiled + (n - tiled) * kNR, 1).narrow(1, 0, mt).t());
+  }
+}
+
 // ---------------------------------------------------------------- entry point
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -388,6 +572,12 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   x2 = x2.to(dtype).contiguous();
   values = values.contiguous();
   meta = meta.contiguous();
+  if (dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= lanes_min_m && M <= small_m_max) {
+    torch::Tensor y = torch::empty({M, N}, x2.options());
+    token_lanes(x2, values, meta, y);
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
   if (M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
     if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
@@ -425,7 +615,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x W^T (+ bias) for a 2:4 W in the tiled layout (small M: packed GEMV; large M: panels)",
-        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"),
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("lanes_min_m"),
         py::call_guard<py::gil_scoped_release>());
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
