@@ -11,7 +11,7 @@ from bawa_vllm.cli.export import main as export_main
 from bawa_vllm.pruning.masks import SparsityPattern, keep_mask
 from bawa_vllm.pruning.methods import Bawa, BlockJob, make_method
 from bawa_vllm.pruning.metrics import bawa_scores, wanda_scores
-from bawa_vllm.pruning.search import (WANDA_THETA, SearchConfig, coarse_search, parse_theta_init,
+from bawa_vllm.pruning.search import (BAWA_INIT_THETA, WANDA_THETA, SearchConfig, coarse_search, parse_theta_init,
                                       theta_summary)
 
 from .conftest import CALIB_TEXT
@@ -245,3 +245,21 @@ def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():
     result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=3)).prune_block(job)
     assert result.search["line"]["t"] == 0.0 and len(result.search["line"]["losses"]) == 3 and len(calls) == 3
     assert all(idx is not None and idx.numel() == 2 for idx in calls)  # the held-out quarter of 8 windows
+
+
+def test_reported_theta_is_the_applied_theta_in_full_precision():
+    """A line point such as t = 1/3 has more digits than any rounding keeps; the report must give the Θ whose
+    masks were applied, to the last bit, so that --theta-init from it reproduces the export."""
+    coarse = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=1)).prune_block(_job("2:4")).theta
+    job = _job("2:4")
+    losses = iter([1.0, 0.5, 1.0, 1.0])  # t = 0, 1/3, 2/3, 1: the second point wins
+    job.loss = lambda masks, idx: next(losses)
+    job.n_samples = 8
+    result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=4)).prune_block(job)
+    assert result.search["line"]["t"] == 1 / 3
+    init = torch.tensor(BAWA_INIT_THETA, dtype=torch.float64)
+    for name, weight in job.dense.items():
+        start = torch.tensor(coarse[name], dtype=torch.float64)
+        assert result.theta[name] == (start + (1 / 3) * (init - start)).tolist()
+        assert torch.equal(result.masks[name],
+                           keep_mask(bawa_scores(weight, job.act_sum_sq[name], tuple(result.theta[name])), job.pattern))

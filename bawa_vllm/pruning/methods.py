@@ -145,7 +145,9 @@ class Bawa(PruningMethod):
             theta = result.theta
             info = {**(info or {}), "initial_loss": result.initial_loss, "best_loss": result.best_loss,
                     "epoch_losses": result.epoch_losses, "steps": result.steps}
-        return BlockMasks(masks_at(theta), {n: [round(v, 6) for v in theta[k].tolist()] for k, n in enumerate(names)},
+        # Θ in full precision: the report's values must reproduce these masks exactly (a rounded Θ can flip
+        # near-tied weights of a group).
+        return BlockMasks(masks_at(theta), {n: theta[k].tolist() for k, n in enumerate(names)},
                           info)
 
     def _coarse(self, job: BlockJob, name: str, norms: BawaNorms, init: tuple[float, float, float], k: int):
