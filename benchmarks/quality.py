@@ -44,6 +44,8 @@ VARIANTS = [  # (label, method, search?, reconstruction)
     ("bawa --no-search", "bawa", False, "none"),
     ("bawa", "bawa", True, "none"),
     ("bawa+admm", "bawa", True, "admm"),
+    # the same reconstruction on the unsearched mask: does a better BaWA mask make BaWA + ADMM better?
+    ("bawa --no-search+admm", "bawa", False, "admm"),
     ("bawa+awp", "bawa", True, "awp"),
     ("awp", "awp", False, "none"),
 ]
