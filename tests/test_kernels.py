@@ -9,6 +9,7 @@ relative to the output's scale, bf16/fp16 within a few units of the last place o
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -160,3 +161,18 @@ def test_bad_backend_env(monkeypatch):
     monkeypatch.setenv("BAWA_SPARSE_BACKEND", "magic")
     with pytest.raises(ValueError, match="BAWA_SPARSE_BACKEND='magic'"):
         kernels.requested_backend()
+
+
+def test_kernel_runs_on_torchs_thread_pool():
+    """at::parallel_for in an extension runs serially unless it is compiled with OpenMP (it was, silently, until
+    this test): with two threads set in torch, two threads of torch's pool must run the kernel's tasks."""
+    if torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.load().parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert cpu.load().parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)

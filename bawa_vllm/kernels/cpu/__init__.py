@@ -34,7 +34,11 @@ from ...sparse.format import META_SUFFIX, PackedFormatError
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("sparse24.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512vbmi2", "-mfma", "-mf16c"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP, so without
+# it every kernel ran on one thread whatever torch.get_num_threads() said. Compile only: the OpenMP symbols then
+# resolve at load to the libgomp that torch already loaded, so the kernel shares torch's (and vLLM's bound)
+# thread pool instead of starting a second runtime.
+_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512vbmi2", "-mfma", "-mf16c"]
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")

@@ -611,6 +611,20 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   return acc.to(dtype);
 }
 
+// How many distinct threads of torch's pool ran the tasks of one at::parallel_for (a check that the kernel is
+// built with OpenMP and shares torch's threads).
+int64_t parallel_threads() {
+  std::vector<int> used(at::get_num_threads(), 0);
+  at::parallel_for(0, 4096, 1, [&](int64_t begin, int64_t end) {
+    volatile double sink = 0;
+    for (int64_t i = begin; i < end; ++i) sink = sink + static_cast<double>(i);  // a little work per task
+    used[at::get_thread_num()] = 1;
+  });
+  int64_t n = 0;
+  for (int u : used) n += u;
+  return n;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -620,4 +634,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
+  m.def("parallel_threads", &parallel_threads, py::call_guard<py::gil_scoped_release>());
 }
