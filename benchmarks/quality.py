@@ -88,21 +88,30 @@ def run(args) -> dict:
     windows = evaluation_windows(load_documents(args.eval), tokenizer, args.seqlen, args.max_windows)
     settings = {k: str(getattr(args, k)) if getattr(args, k) is not None else None for k in SETTINGS}
     path = args.out / "quality.json"
-    done = {}
+    done, own = {}, {}
     for source in [path, *(Path(d) / "quality.json" for d in args.reuse)]:
         previous = json.loads(source.read_text()) if source.exists() else None
         if previous is not None and previous.get("settings") == settings:
             rows = {(r["method"], r["sparsity"], r.get("seed", previous["seed"])): r for r in previous["rows"]}
             logging.info("reusing %d rows of %s (same settings)", len(rows), source)
             done.update(rows)
+            if source == path:
+                own = rows
     result = {"model": args.model, "calib": args.calib, "eval": args.eval, "seqlen": args.seqlen,
               "nsamples": args.nsamples, "seed": args.seed, "settings": settings, "rows": [], "structured": None}
+
+    def merged() -> dict:
+        """This run's rows, then the rows --out already held that this run did not redo (other methods or
+        sparsities of an earlier run with the same settings): a second run asking for other rows must not drop
+        the first run's from quality.json."""
+        added = {(r["method"], r["sparsity"], r.get("seed", args.seed)) for r in result["rows"]}
+        return {**result, "rows": result["rows"] + [r for key, r in own.items() if key not in added]}
 
     def add(row: dict) -> None:
         result["rows"].append(row)
         result["eval_tokens"] = result["rows"][0]["tokens"]
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        path.write_text(json.dumps(merged(), indent=2))
 
     if args.report_only and ("dense", "-", args.seed) not in done:
         raise SystemExit("--report-only: no dense row with these settings in --out or --reuse")
@@ -127,7 +136,7 @@ def run(args) -> dict:
                 add(row)
                 logging.info("%s %s seed %d: ppl %.3f (%.1f s wall, %.1f s CPU)", label, spec, seed,
                              row["perplexity"], row["seconds"], row["cpu_seconds"])
-    return result
+    return merged()
 
 
 STRUCTURED = ["llm-bip", "structured-magnitude", "structured-random"]
