@@ -3,7 +3,7 @@
 # dense vs pruned perplexity
 # on held-out text, then the same prompts answered by the dense model and by the packed 2:4 model, both served
 # through vLLM (the bawa-sparse plugin serves the packed one). On a quiet 2-core machine, after setup and with the
-# model cached: 441 s, 150 s of it the export (1040 s when the machine was shared with other jobs).
+# model cached: 441 s, 163 s of it the export (1040 s when the machine was shared with other jobs).
 #
 # Output (OUT, default out/demo-smollm2-bawa-2of4): the packed checkpoint with its bawa_report.json, the two
 # perplexity results OUT.dense-eval.json and OUT.eval.json, and the server logs OUT.serve.log and
