@@ -7,6 +7,7 @@ Variants (``--variants``, default the first four):
 - ``coarse``: the coarse stage only (each linear's Θ by its Gram-matrix output error; no block forward);
 - ``coarse+line``: the default search: the coarse stage, then the line stage (the block's Θ moved towards
   the initial Θ as far as the block loss on held-out windows says);
+- ``coarse+line-all``: the same, the line stage scored on all calibration windows (``--search-holdout 0``);
 - ``coarse+line+zo``: the default, then the paper's zeroth-order steps (2 epochs, lr 0.2, model target);
 - ``zo-only``: the zeroth-order steps alone from the initial Θ (the search before this issue).
 
@@ -44,6 +45,8 @@ VARIANTS = {  # label -> (method, search settings or None for no search)
     "no-search": ("bawa", None),
     "coarse": ("bawa", {"epochs": 0, "line_points": 0}),
     "coarse+line": ("bawa", {}),
+    # the line stage scored on every calibration window instead of the held-out quarter (--search-holdout 0)
+    "coarse+line-all": ("bawa", {"holdout": 0.0}),
     "coarse+line+zo": ("bawa", {"epochs": 2}),
     "zo-only": ("bawa", {"epochs": 2, "coarse_evals": 0}),
 }
