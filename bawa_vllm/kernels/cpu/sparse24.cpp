@@ -18,8 +18,9 @@
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
 // Small M (decode; for bf16 below the token-lanes range further down): each thread takes a range of row
-// blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass. Large M (prefill): each thread decompresses a panel of rows into a private
-// scratch buffer and runs a dense GEMM (`at::mm`) on it; no full dense copy ever exists.
+// blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass. Large M (prefill):
+// each thread decompresses a panel of rows into a private scratch buffer and runs a dense GEMM (`at::mm`) on
+// it; no full dense copy ever exists.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
@@ -389,12 +390,13 @@ constexpr int kPairP1[kPairs] = {1, 2, 3, 2, 3, 3};
 // Bytes of expanded x per column chunk: it stays in a 32 KiB L1 beside the weights streaming through.
 constexpr int64_t kLanesChunkBytes = 24 << 10;
 
-// Pair index of a valid nibble p0 | p1 << 2 (invalid nibbles were rejected at load).
+// Pair index of a valid nibble p0 | p1 << 2 (invalid nibbles were rejected at load), as the byte table of one
+// pshufb lookup.
 struct PairTable {
-  int32_t of[16];
+  alignas(16) int8_t of[16];
   PairTable() {
     for (int n = 0; n < 16; ++n) of[n] = 0;
-    for (int c = 0; c < kPairs; ++c) of[kPairP0[c] | (kPairP1[c] << 2)] = c;
+    for (int c = 0; c < kPairs; ++c) of[kPairP0[c] | (kPairP1[c] << 2)] = static_cast<int8_t>(c);
   }
 };
 const PairTable kPair;
@@ -427,11 +429,19 @@ inline void pair_offsets(uint64_t meta, int32_t slot, int32_t* out) {
   const __m128i m = _mm_cvtsi64_si128(static_cast<long long>(meta));
   const __m128i low = _mm_set1_epi8(0x0F);
   const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(m, low), _mm_and_si128(_mm_srli_epi64(m, 4), low));
-  const __m128i table = _mm_setr_epi8(kPair.of[0], kPair.of[1], kPair.of[2], kPair.of[3], kPair.of[4], kPair.of[5],
-                                      kPair.of[6], kPair.of[7], kPair.of[8], kPair.of[9], kPair.of[10], kPair.of[11],
-                                      kPair.of[12], kPair.of[13], kPair.of[14], kPair.of[15]);
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kPair.of));
   const __m512i pairs = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(table, nibbles));
   _mm512_store_si512(out, _mm512_mullo_epi32(pairs, _mm512_set1_epi32(slot)));
+}
+
+// One group of one row: acc (TB vectors of 16 tokens) += the pair's 16-token x values at s . (v0, v1).
+template <int TB>
+__attribute__((target("avx512bf16"), always_inline)) inline void lanes_group(__m512* acc, const uint16_t* s,
+                                                                            uint32_t pair) {
+  const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+#pragma GCC unroll 4
+  for (int b = 0; b < TB; ++b)
+    acc[b] = _mm512_dpbf16_ps(acc[b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
 }
 
 // acc[r][:] (+)= the kNR rows of W over groups [g0, g1) for tm = 16 * TB tokens; acc_io holds kNR x tm fp32
@@ -465,13 +475,7 @@ __attribute__((target("avx512bf16"))) void lanes_rows(const Rows<uint16_t>& w, i
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
 #pragma GCC unroll 4
-      for (int r = 0; r < kNR; ++r) {
-        const uint16_t* s = xw + j * gstride + offs[r][j];
-        const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v[r][j])));
-#pragma GCC unroll 4
-        for (int b = 0; b < TB; ++b)
-          acc[j % NA][r][b] = _mm512_dpbf16_ps(acc[j % NA][r][b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
-      }
+      for (int r = 0; r < kNR; ++r) lanes_group<TB>(acc[j % NA][r], xw + j * gstride + offs[r][j], v[r][j]);
     }
   }
   if (g1 > full * 16) {  // the K % 64 tail: (g1 - 16 full) groups after the whole words
@@ -482,13 +486,7 @@ __attribute__((target("avx512bf16"))) void lanes_rows(const Rows<uint16_t>& w, i
       alignas(64) int32_t offs[16];
       pair_offsets(load_meta(w.mt + r * w.mt_row, tail / 2), tm * 2, offs);
       const uint32_t* v = reinterpret_cast<const uint32_t*>(w.vt + r * w.vt_row);
-      for (int64_t j = 0; j < tail; ++j) {
-        const uint16_t* s = xw + j * gstride + offs[j];
-        const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v[j])));
-#pragma GCC unroll 4
-        for (int b = 0; b < TB; ++b)
-          acc[0][r][b] = _mm512_dpbf16_ps(acc[0][r][b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
-      }
+      for (int64_t j = 0; j < tail; ++j) lanes_group<TB>(acc[0][r], xw + j * gstride + offs[j], v[j]);
     }
   }
 #pragma GCC unroll 4
