@@ -46,13 +46,13 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120)])
 def test_op_matches_dense_masked(dtype, n, k):
-    """Every M regime (packed GEMV; for bf16 token lanes from cpu.LANES_MIN_M, 1 to 4 vectors of 16 tokens;
-    panels above cpu.SMALL_M_MAX), K tails of 8/16/24, with/without bias."""
+    """Every M regime (packed GEMV; for bf16 dense tiles from cpu.TILES_MIN_M, whole and partial tiles of 32
+    tokens; other dtypes' panels above cpu.SMALL_M_MAX), K tails of 8/16/24, with/without bias."""
     w = _weight(n, k, dtype)
     values, meta = pack_24(w)
     packed = kernels.prepare(values.clone(), meta.clone(), backend=kernels.CPU)
     assert packed.backend == kernels.CPU
-    for m in (1, 3, 16, 40, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257):
+    for m in (1, 3, 15, 16, 40, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         bias = torch.randn(n).to(dtype)
         _check(packed(x, bias), x, w, bias)
@@ -62,18 +62,19 @@ def test_op_matches_dense_masked(dtype, n, k):
 
 
 def test_small_and_large_m_paths_agree(monkeypatch):
-    """The three paths run on the same input: forcing token lanes, then the panels, for M = 4 must give the
+    """The three paths run on the same input: forcing dense tiles, then the panels, for M = 4 must give the
     GEMV's answer."""
     w = _weight(96, 520, torch.bfloat16)
     packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
     x = torch.randn(4, 520).bfloat16()
     gemv = packed(x)
     _check(gemv, x, w, None)
-    monkeypatch.setattr(cpu, "LANES_MIN_M", 1)
-    lanes = packed(x)
+    monkeypatch.setattr(cpu, "TILES_MIN_M", 1)
+    tiles = packed(x)
+    monkeypatch.setattr(cpu, "TILES_MIN_M", 10**9)
     monkeypatch.setattr(cpu, "SMALL_M_MAX", 0)
     panel = packed(x)
-    torch.testing.assert_close(gemv.float(), lanes.float(), rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(gemv.float(), tiles.float(), rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(gemv.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
 
 

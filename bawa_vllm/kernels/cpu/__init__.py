@@ -42,19 +42,17 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
-# Token counts up to this run the packed GEMV; above it, panels are decompressed for a dense GEMM. Measured
-# against vLLM's own CPU GEMM on Llama-3.2-1B shapes (1 thread, Zen 5): the GEMV is ahead of the panel path up
-# to M = 64 and behind it at M = 128.
+# bf16 on CPUs with AVX512_BF16: from this token count on, dense tiles (sparse24.cpp: each thread decompresses
+# a panel of rows for a bf16 micro-kernel of ours); below it, the packed GEMV. Against vLLM's own CPU GEMM on
+# Llama-3.2-1B shapes (1 thread, Zen 5) the tiles were 0.30-0.42x at M = 8 (the GEMV: 0.64-0.69x), even with
+# the GEMV and the token-lanes kernel they replace at 16, and ahead of both from 24 (benchmarks/gemm.py).
+TILES_MIN_M = 16
+# Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
+# are decompressed for `at::mm`.
 SMALL_M_MAX = 64
-# Bytes of the dense panel each thread decompresses before its GEMM (large M): 4 MiB measured best among
-# 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
+# Bytes of the dense panel each thread decompresses before its `at::mm` (the panels): 4 MiB measured best
+# among 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
 PANEL_BYTES = 4 << 20
-
-# bf16 on CPUs with AVX512_BF16: token counts from this one up to SMALL_M_MAX run the token-lanes kernel
-# (sparse24.cpp) instead of the GEMV. Measured on 10 linear shapes of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B
-# (1 thread, weights cycled past L3): lanes/GEMV speed 0.48-0.83x at M = 8, 0.86-1.33x at 16, 1.08-1.62x at 32,
-# 0.90-1.26x at 64.
-LANES_MIN_M = 16
 
 _module: ModuleType | None = None
 _error: str | None = None
@@ -154,4 +152,4 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
 def linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
            out_features: int, aux: torch.Tensor | None, aux_min_m: int) -> torch.Tensor:
     del out_features, aux, aux_min_m
-    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES, LANES_MIN_M)
+    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M)

@@ -17,10 +17,10 @@
 // about 5 cycles on Zen 5 and bounded the first version of this kernel). Other dtypes (fp32, fp16, and bf16
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
-// Small M (decode; for bf16 below the token-lanes range further down): each thread takes a range of row
-// blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass. Large M (prefill):
-// each thread decompresses a panel of rows into a private scratch buffer and runs a dense GEMM (`at::mm`) on
-// it; no full dense copy ever exists.
+// Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
+// rows of x, 4 rows of x per pass. From about 16 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
+// thread decompressing a panel of rows into a private buffer that a micro-kernel of ours runs on. Other
+// dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy ever exists.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
@@ -291,23 +291,25 @@ void small_m(const XT* x, int64_t M, const T* values, const uint8_t* meta, int64
 }
 
 // ---------------------------------------------------------------- large M: decompress panels, dense GEMM
-// Column bitmask of the groups in `nbytes` metadata bytes (bit c set when column c is kept): a byte (two
-// groups' nibbles) maps to the 8-bit mask of its 8 columns.
-struct MaskTable {
-  uint8_t of[256];
-  MaskTable() {
-    for (int b = 0; b < 256; ++b) {
-      const int lo = b & 0xF, hi = b >> 4;
-      of[b] = static_cast<uint8_t>(((1 << (lo & 3)) | (1 << (lo >> 2))) | (((1 << (hi & 3)) | (1 << (hi >> 2))) << 4));
-    }
+// Column bitmask of the groups in `nbytes` metadata bytes (bit c set when column c is kept): each nibble
+// p0 | p1 << 2 maps to its group's 4-bit mask (1 << p0) | (1 << p1), 16 nibbles at once by two pshufb lookups
+// (a scalar byte table, one lookup per byte, cost about as much as the expansion itself).
+struct NibbleMasks {
+  alignas(16) uint8_t of[16];
+  NibbleMasks() {
+    for (int n = 0; n < 16; ++n) of[n] = static_cast<uint8_t>((1 << (n & 3)) | (1 << (n >> 2)));
   }
 };
-const MaskTable kMask;
+const NibbleMasks kNibbleMasks;
 
 inline uint64_t column_mask(uint64_t meta, int64_t nbytes) {
-  uint64_t mask = 0;
-  for (int64_t j = 0; j < nbytes; ++j) mask |= static_cast<uint64_t>(kMask.of[(meta >> (8 * j)) & 0xFF]) << (8 * j);
-  return mask;
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kNibbleMasks.of));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m128i m = _mm_cvtsi64_si128(static_cast<long long>(meta));
+  const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(m, low));
+  const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi64(m, 4), low));
+  const auto mask = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_or_si128(lo, _mm_slli_epi64(hi, 4))));
+  return nbytes >= 8 ? mask : mask & ((uint64_t{1} << (8 * nbytes)) - 1);
 }
 
 // The dense row r of a row group (K columns) written to d, from `width` columns at a time.
@@ -331,15 +333,66 @@ void decompress_span(const T* v, uint64_t meta, int64_t width, T* d) {
   }
 }
 
-template <typename T>
-void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst) {
-  const int64_t full = K / kWord, width = K % kWord;
-  for (int64_t r = 0; r < nr; ++r) {
-    T* d = dst + r * K;
-    for (int64_t i = 0; i < full; ++i)
-      decompress_span<T>(w.v + i * w.v_word + r * w.v_row, load_meta8(w.m + i * w.m_word + r * w.m_row), kWord, d + i * kWord);
-    if (width) decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, d + full * kWord);
+// A whole 64-column word of a 16-bit dtype, without `vpexpandw` (about 5 cycles on Zen 5, and the per-byte
+// mask work around it made decompression a fifth of a prefill GEMM): per byte lane c, `vpmultishiftqb` pulls
+// the nibble of group c / 4, a 64-entry `vpermb` table maps (nibble, c % 4) to the offset of the kept value in
+// its group (0 or 1) or to "zero" (bit 7), plus 2 (c / 4); two `vpermw` then place the 32 values.
+struct WordConstants {
+  alignas(64) uint8_t shift[64];  // byte c: bit offset of group c / 4's nibble in the word's metadata
+  alignas(64) uint8_t lane[64];   // c % 4
+  alignas(64) uint8_t base[64];   // 2 (c / 4): the first value of c's group
+  alignas(64) uint8_t table[64];  // (nibble << 2 | j) -> 0 if j == p0, 1 if j == p1, else 0x80
+  WordConstants() {
+    for (int c = 0; c < 64; ++c) {
+      shift[c] = static_cast<uint8_t>(4 * (c / 4));
+      lane[c] = static_cast<uint8_t>(c % 4);
+      base[c] = static_cast<uint8_t>(2 * (c / 4));
+      const int nibble = c >> 2, j = c & 3;
+      table[c] = j == (nibble & 3) ? 0 : j == (nibble >> 2) ? 1 : 0x80;
+    }
   }
+};
+const WordConstants kWordC;
+
+inline void decompress_word16(const uint16_t* v, uint64_t meta, uint16_t* d) {
+  const __m512i nib = _mm512_and_si512(
+      _mm512_multishift_epi64_epi8(_mm512_load_si512(kWordC.shift), _mm512_set1_epi64(static_cast<long long>(meta))),
+      _mm512_set1_epi8(0x0F));
+  const __m512i code = _mm512_or_si512(_mm512_slli_epi16(nib, 2), _mm512_load_si512(kWordC.lane));  // < 64 per byte
+  const __m512i idx = _mm512_add_epi8(_mm512_permutexvar_epi8(code, _mm512_load_si512(kWordC.table)),
+                                      _mm512_load_si512(kWordC.base));
+  const __m512i vals = _mm512_loadu_si512(v);
+  const __m512i zero = _mm512_set1_epi16(0x80);
+  const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(idx));
+  const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(idx, 1));
+  _mm512_storeu_si512(d, _mm512_maskz_permutexvar_epi16(_mm512_testn_epi16_mask(lo, zero), lo, vals));
+  _mm512_storeu_si512(d + 32, _mm512_maskz_permutexvar_epi16(_mm512_testn_epi16_mask(hi, zero), hi, vals));
+}
+
+template <typename T>
+void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld) {
+  const int64_t full = K / kWord, width = K % kWord;
+  // Word by word, then row by row: that is the order the tiled layout stores them in, one contiguous stream
+  // (row by row over all words walked 4 strided streams and stalled on nearly every load).
+  for (int64_t i = 0; i < full; ++i) {
+    if (i + 8 < full) {  // 8 words ahead: 2 KiB of values (4 rows of bf16), 256 bytes of metadata
+      const char* pv = reinterpret_cast<const char*>(w.v + (i + 8) * w.v_word);
+      for (int64_t o = 0; o < w.v_word * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(pv + o, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.m + (i + 8) * w.m_word), _MM_HINT_T0);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* v = w.v + i * w.v_word + r * w.v_row;
+      const uint64_t m = load_meta8(w.m + i * w.m_word + r * w.m_row);
+      T* d = dst + r * ld + i * kWord;
+      if constexpr (sizeof(T) == 2)
+        decompress_word16(reinterpret_cast<const uint16_t*>(v), m, reinterpret_cast<uint16_t*>(d));
+      else
+        decompress_span<T>(v, m, kWord, d);
+    }
+  }
+  if (width)
+    for (int64_t r = 0; r < nr; ++r)
+      decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, dst + r * ld + full * kWord);
 }
 
 template <typename T>
@@ -363,7 +416,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
       int64_t rows = 0;
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t nr = rows_in_group(N, g);
-        decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, scratch.data_ptr<T>() + rows * K);
+        decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, scratch.data_ptr<T>() + rows * K, K);
         rows += nr;
       }
       auto out = part.narrow(1, 0, rows);
@@ -373,190 +426,142 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- medium M (bf16): token lanes
-// From about 16 tokens the GEMV above is bound by its shuffles (one `vpermt2w` per dot product and row of x),
-// not by the weight stream. Token lanes swap the roles: a vector lane is a token, not a column. For a row of
-// W, a group of 4 columns keeps 2 values (v0, v1) at positions (p0, p1), one of 6 pairs; if x is given, per
-// group and pair, as 16 tokens' (x[t, 4g + p0], x[t, 4g + p1]) interleaved, one `vdpbf16ps` with (v0, v1)
-// broadcast adds the group's whole contribution for 16 tokens: 32 useful products per instruction, the
-// packed values read as stored, the pair chosen by the group's nibble (an offset, no shuffle). The expanded
-// x (`xs`: 6 pairs x 2 values per 4 columns, 3x x) is built once per block of up to 64 tokens and shared by
-// the threads, which split the rows of W. Measured against the GEMV (Zen 5, 1 thread): ahead at M = 16 and 32,
-// about even at 64, behind at 8 (half the lanes idle); behind the panels from M = 96 (each dot product needs
-// its own load of x, where a dense GEMM reuses a register). kernels/cpu/__init__.py has the figures.
-constexpr int kPairs = 6;
-constexpr int kPairP0[kPairs] = {0, 0, 0, 1, 1, 2};
-constexpr int kPairP1[kPairs] = {1, 2, 3, 2, 3, 3};
-// Bytes of expanded x per column chunk: it stays in a 32 KiB L1 beside the weights streaming through.
-constexpr int64_t kLanesChunkBytes = 24 << 10;
+// ---------------------------------------------------------------- large M (bf16): dense tiles
+// The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
+// and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
+// a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows are read as they come, one column pair (a u32) broadcast per row. x is brought once
+// per call to tiles of 32 tokens, column pair by column pair (xv[p][t]); 8 rows of W x 32 tokens are 16
+// accumulators, each column pair costing 2 vector loads of x, 8 broadcasts of W and 16 `vdpbf16ps`. Alone
+// on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core); K is cut in
+// chunks so that a tile's x stays in L1 while all rows of the panel pass over it.
+constexpr int64_t kTileTokens = 32;        // tokens per tile: two vectors of 16 lanes
+constexpr int kTileRows = 8;               // rows of W per micro-kernel call
+constexpr int64_t kTilePairs = 256;        // column pairs per K chunk: 32 KiB of a tile's x
+constexpr int64_t kTilePanelRows = 128;     // rows of W a thread decompresses at once
+constexpr int64_t kTileBlock = 8;          // tiles that share each K chunk of the panel
 
-// Pair index of a valid nibble p0 | p1 << 2 (invalid nibbles were rejected at load), as the byte table of one
-// pshufb lookup.
-struct PairTable {
-  alignas(16) int8_t of[16];
-  PairTable() {
-    for (int n = 0; n < 16; ++n) of[n] = 0;
-    for (int c = 0; c < kPairs; ++c) of[kPairP0[c] | (kPairP1[c] << 2)] = static_cast<int8_t>(c);
+// xv[p][t] = column pair p (two bf16 as a u32) of token m0 + t, for the 32 tokens of a tile (zero past M).
+void pack_tile(const uint32_t* x, int64_t M, int64_t P, int64_t m0, uint32_t* xv) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(P)));
+  const int64_t mt = std::min<int64_t>(kTileTokens, M - m0);
+  const __mmask16 k0 = lanes16(mt), k1 = lanes16(std::max<int64_t>(0, mt - 16));
+  const uint32_t* x0 = x + m0 * P;
+  const uint32_t* x1 = x + std::min(m0 + 16, M - 1) * P;  // unread when k1 is empty
+  for (int64_t p = 0; p < P; ++p) {
+    _mm512_storeu_si512(xv + p * kTileTokens, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k0, idx, x0 + p, 4));
+    _mm512_storeu_si512(xv + p * kTileTokens + 16,
+                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k1, idx, x1 + p, 4));
   }
-};
-const PairTable kPair;
+}
 
-// xs[g][c][t] = (x[t, 4g + p0(c)], x[t, 4g + p1(c)]) as a u32 for every group g, from xt [K][tm] (bf16 bits,
-// tokens padded with zeros to tm = 16 * TB).
-void expand_tokens(const uint16_t* xt, int64_t tm, int64_t groups, uint16_t* xs) {
-  alignas(64) static const uint16_t interleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i idx = _mm512_load_si512(interleave);
-  at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      uint16_t* dst = xs + g * kPairs * tm * 2;
-      for (int c = 0; c < kPairs; ++c) {
-        const uint16_t* a = xt + (4 * g + kPairP0[c]) * tm;
-        const uint16_t* b = xt + (4 * g + kPairP1[c]) * tm;
-        for (int64_t t = 0; t < tm; t += 16) {
-          const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t)));
-          const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t)));
-          _mm512_storeu_si512(dst + (c * tm + t) * 2, _mm512_permutex2var_epi16(lo, idx, hi));
+// c[r][t] (+)= sum over pc column pairs of W[r] . x[t]: rows w + r * K (u16, from the chunk's first column),
+// xv [pc][32]; c [8][32] fp32 is zeroed when `first`.
+__attribute__((target("avx512bf16"))) void tile_kernel(const uint16_t* w, int64_t K, const uint32_t* xv, int64_t pc,
+                                                        float* c, bool first) {
+  __m512 acc[kTileRows][2];
+  const uint32_t* wr[kTileRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r) {
+    wr[r] = reinterpret_cast<const uint32_t*>(w + r * K);
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * kTileTokens);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * kTileTokens + 16);
+  }
+  for (int64_t p = 0; p < pc; ++p) {
+    const __m512bh x0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * kTileTokens));
+    const __m512bh x1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * kTileTokens + 16));
+#pragma GCC unroll 8
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(wr[r][p])));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, x0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, x1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r) {
+    _mm512_storeu_ps(c + r * kTileTokens, acc[r][0]);
+    _mm512_storeu_ps(c + r * kTileTokens + 16, acc[r][1]);
+  }
+}
+
+// y[t][r] = c[r][t] as bf16 for the first `rows` rows and `mt` tokens: 16 rows at a time, one gather per token.
+__attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t rows, int64_t mt, uint16_t* y,
+                                                       int64_t N) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(kTileTokens)));
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 k = lanes16(rows - r0);
+    for (int64_t t = 0; t < mt; ++t) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, c + r0 * kTileTokens + t, 4);
+      _mm256_mask_storeu_epi16(y + t * N + r0, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
+  const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
+  const int64_t tiles = (M + kTileTokens - 1) / kTileTokens, groups = row_groups(N);
+  const auto* xp = reinterpret_cast<const uint32_t*>(x2.data_ptr<c10::BFloat16>());
+  torch::Tensor xv = torch::empty({tiles, P, kTileTokens}, x2.options().dtype(torch::kInt32));
+  auto* xvp = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) pack_tile(xp, M, P, t * kTileTokens, xvp + t * P * kTileTokens);
+  });
+  // Row groups per panel: up to kTilePanelRows rows, and at least 4 panels per thread (or one group per panel)
+  // so that the threads share the rows evenly.
+  const int64_t by_threads = std::max<int64_t>(1, groups / (4 * at::get_num_threads()));
+  const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
+  const int64_t panels = (groups + per_panel - 1) / per_panel;
+  const int64_t cap = (per_panel * kNR + kTileRows - 1) / kTileRows * kTileRows;  // rows, padded for the kernel
+  // Row stride of the panel: K plus one cache line, so that the kernel's 8 row streams do not fall in the
+  // same L1 sets when K * 2 bytes is a multiple of 4 KiB.
+  const int64_t ld = K + 32;
+  const auto* vals = values.data_ptr<c10::BFloat16>();
+  const uint8_t* mk = meta.data_ptr<uint8_t>();
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread buffers kept between calls: a fresh allocation of this size is an mmap whose page faults
+    // (and zeroing) cost about as much as decompressing the panel.
+    thread_local std::vector<c10::BFloat16> scratch;
+    thread_local std::vector<float> c;
+    if (static_cast<int64_t>(scratch.size()) < cap * ld) scratch.resize(cap * ld);
+    if (static_cast<int64_t>(c.size()) < kTileBlock * cap * kTileTokens) c.resize(kTileBlock * cap * kTileTokens);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
+      const int64_t n0 = first_row(N, g0);
+      int64_t rows = 0;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t nr = rows_in_group(N, g);
+        decompress_group<c10::BFloat16>(rows_of(vals, mk, N, K, g), nr, K, scratch.data() + rows * ld, ld);
+        rows += nr;
+      }
+      const int64_t padded = (rows + kTileRows - 1) / kTileRows * kTileRows;
+      std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
+      const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
+      // Per block of tiles, K chunk by K chunk: the panel's chunk (padded x kTilePairs pairs) stays in L2 for
+      // all tiles of the block, each tile's chunk of x in L1 for all rows.
+      for (int64_t b0 = 0; b0 < tiles; b0 += kTileBlock) {
+        const int64_t b1 = std::min(tiles, b0 + kTileBlock);
+        for (int64_t k0 = 0; k0 < P; k0 += kTilePairs) {
+          const int64_t pc = std::min(kTilePairs, P - k0);
+          for (int64_t t = b0; t < b1; ++t) {
+            const uint32_t* xt = xvp + (t * P + k0) * kTileTokens;
+            float* ct = c.data() + (t - b0) * padded * kTileTokens;
+            for (int64_t r0 = 0; r0 < padded; r0 += kTileRows)
+              tile_kernel(wp + r0 * ld + 2 * k0, ld, xt, pc, ct + r0 * kTileTokens, k0 == 0);
+          }
         }
+        for (int64_t t = b0; t < b1; ++t)
+          store_tile(c.data() + (t - b0) * padded * kTileTokens, rows, std::min(kTileTokens, M - t * kTileTokens),
+                     yp + t * kTileTokens * N + n0, N);
       }
     }
   });
 }
 
-// The 16 groups' pair offsets of one row's 64-bit word of nibbles, `slot` u16 apart, in vector registers
-// (nibbles to bytes, a pshufb table lookup, widen, scale): one scalar load per group in the loop after.
-inline void pair_offsets(uint64_t meta, int32_t slot, int32_t* out) {
-  const __m128i m = _mm_cvtsi64_si128(static_cast<long long>(meta));
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(m, low), _mm_and_si128(_mm_srli_epi64(m, 4), low));
-  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kPair.of));
-  const __m512i pairs = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(table, nibbles));
-  _mm512_store_si512(out, _mm512_mullo_epi32(pairs, _mm512_set1_epi32(slot)));
-}
-
-// One group of one row: acc (TB vectors of 16 tokens) += the pair's 16-token x values at s . (v0, v1).
-template <int TB>
-__attribute__((target("avx512bf16"), always_inline)) inline void lanes_group(__m512* acc, const uint16_t* s,
-                                                                            uint32_t pair) {
-  const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
-#pragma GCC unroll 4
-  for (int b = 0; b < TB; ++b)
-    acc[b] = _mm512_dpbf16_ps(acc[b], reinterpret_cast<__m512bh>(_mm512_loadu_si512(s + 32 * b)), wb);
-}
-
-// acc[r][:] (+)= the kNR rows of W over groups [g0, g1) for tm = 16 * TB tokens; acc_io holds kNR x tm fp32
-// (zeroed if `first`). Group g's nibble and value pair: in whole words (g / 16 < full) or in the K % 64 tail.
-// The dot products' latency (about 6 cycles) is hidden by independent chains: kNR rows x TB token vectors,
-// and for TB < 3 even and odd groups in separate accumulators (summed at the end).
-template <int TB>
-__attribute__((target("avx512bf16"))) void lanes_rows(const Rows<uint16_t>& w, int64_t full, int64_t g0, int64_t g1,
-                                                       const uint16_t* xs, float* acc_io, bool first) {
-  constexpr int64_t tm = 16 * TB;
-  constexpr int64_t gstride = kPairs * tm * 2;  // u16 per group of xs
-  constexpr int NA = TB < 3 ? 2 : 1;             // accumulators per (row, token vector)
-  __m512 acc[NA][kNR][TB];
-#pragma GCC unroll 4
-  for (int r = 0; r < kNR; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < TB; ++b) {
-      acc[0][r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_io + r * tm + 16 * b);
-      if constexpr (NA == 2) acc[1][r][b] = _mm512_setzero_ps();
-    }
-  const int64_t w0 = g0 / 16, w1 = std::min(full, (g1 + 15) / 16);
-  for (int64_t i = w0; i < w1; ++i) {  // chunks start on word boundaries, so word i is whole here
-    const uint16_t* xw = xs + i * 16 * gstride;
-    alignas(64) int32_t offs[kNR][16];
-    const uint32_t* v[kNR];
-#pragma GCC unroll 4
-    for (int r = 0; r < kNR; ++r) {
-      pair_offsets(load_meta8(w.m + i * w.m_word + r * w.m_row), tm * 2, offs[r]);
-      v[r] = reinterpret_cast<const uint32_t*>(w.v + i * w.v_word + r * w.v_row);
-    }
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) {
-#pragma GCC unroll 4
-      for (int r = 0; r < kNR; ++r) lanes_group<TB>(acc[j % NA][r], xw + j * gstride + offs[r][j], v[r][j]);
-    }
-  }
-  if (g1 > full * 16) {  // the K % 64 tail: (g1 - 16 full) groups after the whole words
-    const int64_t tail = g1 - full * 16;
-    const uint16_t* xw = xs + full * 16 * gstride;
-#pragma GCC unroll 4
-    for (int r = 0; r < kNR; ++r) {
-      alignas(64) int32_t offs[16];
-      pair_offsets(load_meta(w.mt + r * w.mt_row, tail / 2), tm * 2, offs);
-      const uint32_t* v = reinterpret_cast<const uint32_t*>(w.vt + r * w.vt_row);
-      for (int64_t j = 0; j < tail; ++j) lanes_group<TB>(acc[0][r], xw + j * gstride + offs[j], v[j]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < kNR; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < TB; ++b) {
-      __m512 sum = acc[0][r][b];
-      if constexpr (NA == 2) sum = _mm512_add_ps(sum, acc[1][r][b]);
-      _mm512_storeu_ps(acc_io + r * tm + 16 * b, sum);
-    }
-}
-
-// y [M, N] = x2 [M, K] Wᵀ for bf16, by blocks of up to 64 tokens; y is written in the output dtype. Per token
-// block, x is expanded once for all columns (shared by the threads); each thread then walks the columns in
-// chunks whose expansion fits L1 and, per chunk, all its rows, so every expanded x line it loads from L2
-// serves 4 x (its rows / 4) dot products, not 4 (the first version went row by row over all columns and was
-// bound by L2 loads). Accumulators go through `acc` (fp32, [rows, tm]) between chunks.
-void token_lanes(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
-  const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0);
-  const int64_t full = K / kWord, groups = K / 4, ngroups = row_groups(N);
-  const auto* vals = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-  const uint8_t* mk = meta.data_ptr<uint8_t>();
-  for (int64_t m0 = 0; m0 < M; m0 += 64) {
-    const int64_t mt = std::min<int64_t>(64, M - m0), tb = (mt + 15) / 16, tm = 16 * tb;
-    torch::Tensor xt = torch::zeros({K, tm}, x2.options());
-    xt.narrow(1, 0, mt).copy_(x2.narrow(0, m0, mt).t());
-    torch::Tensor xs = torch::empty({groups * kPairs * tm * 2}, values.options());
-    auto* xsp = reinterpret_cast<uint16_t*>(xs.data_ptr<c10::BFloat16>());
-    expand_tokens(reinterpret_cast<const uint16_t*>(xt.data_ptr<c10::BFloat16>()), tm, groups, xsp);
-    // Column chunks of whole words (the tail goes with the last one).
-    const int64_t chunk = std::max<int64_t>(16, kLanesChunkBytes / (kPairs * tm * 4) / 16 * 16);
-    torch::Tensor acc = torch::empty({ngroups * kNR, tm}, y.options().dtype(torch::kFloat));
-    float* accp = acc.data_ptr<float>();
-    at::parallel_for(0, ngroups, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t g0 = 0; g0 < groups;) {
-        const int64_t g1 = g0 + chunk >= full * 16 ? groups : g0 + chunk;
-        const int64_t w0 = g0 / 16, w1 = std::min(full, g1 / 16);
-        for (int64_t b = begin; b < end; ++b) {
-          const Rows<uint16_t> w = rows_of(vals, mk, N, K, b);
-          // The rows' chunk is a short run (chunk / 16 words) every few KB: fetch two blocks ahead, since the
-          // hardware prefetchers do not follow such a walk and every block would start with a DRAM miss.
-          if (b + 2 < end && b + 2 < N / kNR) {
-            const Rows<uint16_t> ahead = rows_of(vals, mk, N, K, b + 2);
-            const char* pv = reinterpret_cast<const char*>(ahead.v + w0 * ahead.v_word);
-            for (int64_t o = 0; o < (w1 - w0) * ahead.v_word * 2; o += 64) _mm_prefetch(pv + o, _MM_HINT_T0);
-            const char* pm = reinterpret_cast<const char*>(ahead.m + w0 * ahead.m_word);
-            for (int64_t o = 0; o < (w1 - w0) * ahead.m_word; o += 64) _mm_prefetch(pm + o, _MM_HINT_T0);
-          }
-          float* a = accp + b * kNR * tm;
-          if (tb == 1) lanes_rows<1>(w, full, g0, g1, xsp, a, g0 == 0);
-          else if (tb == 2) lanes_rows<2>(w, full, g0, g1, xsp, a, g0 == 0);
-          else if (tb == 3) lanes_rows<3>(w, full, g0, g1, xsp, a, g0 == 0);
-          else lanes_rows<4>(w, full, g0, g1, xsp, a, g0 == 0);
-        }
-        g0 = g1;
-      }
-    });
-    // acc rows are row groups (kNR rows each, a leftover row repeated kNR times): rows of W in order up to
-    // N / kNR * kNR, then one group per leftover row.
-    const int64_t tiled = N / kNR * kNR;
-    auto out = y.narrow(0, m0, mt);
-    out.narrow(1, 0, tiled).copy_(acc.narrow(0, 0, tiled).narrow(1, 0, mt).t());
-    for (int64_t n = tiled; n < N; ++n)
-      out.narrow(1, n, 1).copy_(acc.narrow(0, tiled + (n - tiled) * kNR, 1).narrow(1, 0, mt).t());
-  }
-}
-
 // ---------------------------------------------------------------- entry point
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -570,15 +575,11 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   x2 = x2.to(dtype).contiguous();
   values = values.contiguous();
   meta = meta.contiguous();
-  if (dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= lanes_min_m && M <= small_m_max) {
+  const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m;
+  if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    token_lanes(x2, values, meta, y);
-    if (bias.has_value()) y.add_(*bias);
-    return y;
-  }
-  if (M > small_m_max) {
-    torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
+    if (tiles) dense_tiles(x2, values, meta, y);
+    else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
     if (bias.has_value()) y.add_(*bias);
@@ -626,8 +627,8 @@ int64_t parallel_threads() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x W^T (+ bias) for a 2:4 W in the tiled layout (small M: packed GEMV; large M: panels)",
-        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("lanes_min_m"),
+  m.def("linear", &linear, "y = x W^T (+ bias) for a 2:4 W in the tiled layout (small M: packed GEMV; large M: dense tiles or panels)",
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"),
         py::call_guard<py::gil_scoped_release>());
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
