@@ -150,7 +150,7 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 512, 2048])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512, 2048])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
