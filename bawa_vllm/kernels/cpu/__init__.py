@@ -42,13 +42,17 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
-# bf16 on CPUs with AVX512_BF16: from this token count on, dense tiles (sparse24.cpp: each thread decompresses
-# a panel of rows for a bf16 micro-kernel of ours); below it, the packed GEMV. Against vLLM's own CPU GEMM on
-# Llama-3.2-1B shapes (1 thread, Zen 5) the tiles were 0.30-0.42x at M = 8 (the GEMV: 0.64-0.69x), even with
-# the GEMV and the token-lanes kernel they replace at 16, and ahead of both from 24 (benchmarks/gemm.py).
-TILES_MIN_M = 16
+# bf16 on CPUs with AVX512_BF16: token counts from TILES_MIN_M to TILES_MAX_M run dense tiles (sparse24.cpp:
+# each thread decompresses a panel of rows for a bf16 micro-kernel of ours); below, the packed GEMV; above, the
+# panels. Against vLLM's own CPU GEMM (benchmarks/gemm.py, 1 thread, Zen 5, 12 shapes of SmolLM2-135M,
+# Llama-3.2-1B and Llama-3-8B): at M = 16 the tiles (half of each 32-token tile idle) ran at 0.41-0.59x, below
+# the token-lanes kernel they replaced (0.62-0.79x) and the GEMV; at 24 at or above token lanes on the 1B
+# shapes; at M = 64 and 128 0.69-1.00x where the earlier kernels ran 0.51-0.89x; at 2048 0.70-0.80x, below the
+# at::mm panels (0.84-0.95x in the previous run).
+TILES_MIN_M = 24
+TILES_MAX_M = 512
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
-# are decompressed for `at::mm`.
+# are decompressed for `at::mm` (bf16 above TILES_MAX_M too).
 SMALL_M_MAX = 64
 # Bytes of the dense panel each thread decompresses before its `at::mm` (the panels): 4 MiB measured best
 # among 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
@@ -152,4 +156,4 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
 def linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
            out_features: int, aux: torch.Tensor | None, aux_min_m: int) -> torch.Tensor:
     del out_features, aux, aux_min_m
-    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M)
+    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M)

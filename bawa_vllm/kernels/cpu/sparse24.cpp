@@ -561,7 +561,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
 
 // ---------------------------------------------------------------- entry point
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -575,7 +575,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   x2 = x2.to(dtype).contiguous();
   values = values.contiguous();
   meta = meta.contiguous();
-  const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m;
+  const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
   if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
     if (tiles) dense_tiles(x2, values, meta, y);
@@ -628,7 +628,7 @@ int64_t parallel_threads() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x W^T (+ bias) for a 2:4 W in the tiled layout (small M: packed GEMV; large M: dense tiles or panels)",
-        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"),
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"),
         py::call_guard<py::gil_scoped_release>());
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
