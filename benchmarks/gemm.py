@@ -48,21 +48,25 @@ def linear_shapes(model: str) -> list[tuple[str, int, int]]:
             (f"{model} gate_up", 2 * inter, h), (f"{model} down", h, inter)]
 
 
-def median_ms(fns: list, repeats: int, cuda: bool) -> float:
-    """Median over ``repeats`` passes of the mean time of one call, each pass calling every fn once."""
-    for fn in fns:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def median_ms(methods: dict[str, list], repeats: int, cuda: bool) -> dict[str, float]:
+    """Per method, the median over ``repeats`` passes of the mean time of one call, each pass calling each of
+    the method's fns once. The methods take turns within every pass: this VM's speed drifts by tens of percent
+    over a minute, and timing one method's passes after the other's put that drift into their ratio."""
+    for fns in methods.values():
         for fn in fns:
             fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000 / len(fns))
-    return sorted(times)[len(times) // 2]
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fns in methods.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for fn in fns:
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1000 / len(fns))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def vllm_dense(weight: torch.Tensor):
@@ -91,14 +95,16 @@ def run_shape(name: str, n: int, k: int, ms: list[int], dtype: torch.dtype, devi
     for m in ms:
         x = torch.randn(m, k, device=device).to(dtype)
         flops = 2 * m * n * k
-        repeats = max(2, min(15, int(2e10 / flops / copies)))  # about 20 GFLOP per method and M, at least 2 passes
+        repeats = max(3, min(15, int(2e10 / flops / copies)))  # about 20 GFLOP per method and M, at least 3 passes
         row = {"shape": name, "N": n, "K": k, "M": m, "threads": threads, "copies": copies,
-               "backend": kernels.backend_name(sparse[0].backend),
-               "dense_ms": median_ms([lambda d=d: F.linear(x, d) for d in dense], repeats, device.type == "cuda"),
-               "sparse_ms": median_ms([lambda p=p: p(x) for p in sparse], repeats, device.type == "cuda")}
+               "backend": kernels.backend_name(sparse[0].backend)}
+        methods = {"dense": [lambda d=d: F.linear(x, d) for d in dense], "sparse": [lambda p=p: p(x) for p in sparse]}
+        if vllm:
+            methods["vllm"] = [lambda f=f: f(x) for f in vllm]
+        for method, ms_ in median_ms(methods, repeats, device.type == "cuda").items():
+            row[f"{method}_ms"] = ms_
         row["sparse_vs_dense"] = row["dense_ms"] / row["sparse_ms"]
         if vllm:
-            row["vllm_ms"] = median_ms([lambda f=f: f(x) for f in vllm], repeats, False)
             row["sparse_vs_vllm"] = row["vllm_ms"] / row["sparse_ms"]
         rows.append(row)
         extra = f", vs vLLM dispatch {row['sparse_vs_vllm']:.2f}x" if vllm else ""
