@@ -43,13 +43,13 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
 # bf16 on CPUs with AVX512_BF16: token counts from TILES_MIN_M to TILES_MAX_M run dense tiles (sparse24.cpp:
-# each thread decompresses a panel of rows for a bf16 micro-kernel of ours); below, the packed GEMV; above, the
-# panels. Against vLLM's own CPU GEMM (benchmarks/gemm.py, 1 thread, Zen 5, 12 shapes of SmolLM2-135M,
-# Llama-3.2-1B and Llama-3-8B): at M = 16 the tiles (half of each 32-token tile idle) ran at 0.41-0.59x, below
-# the token-lanes kernel they replaced (0.62-0.79x) and the GEMV; at 24 at or above token lanes on the 1B
-# shapes; at M = 64 and 128 0.69-1.00x where the earlier kernels ran 0.51-0.89x; at 2048 0.70-0.80x, below the
-# at::mm panels (0.84-0.95x in the previous run).
-TILES_MIN_M = 24
+# each thread decompresses a panel of rows for a bf16 micro-kernel of ours; tiles of 16 tokens up to 16, of 32
+# above); below, the packed GEMV; above, the panels. Against vLLM's own CPU GEMM (1 thread, Zen 5, the 12 linear
+# shapes of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B, weights cycled past L3, methods interleaved): at M = 12
+# the tiles ran 0.55-0.72x and the GEMV 0.62-0.89x; at 16 the tiles 0.66-0.90x, the GEMV 0.61-0.83x; at 24 and
+# 32 the tiles were ahead on 21 of 24 shapes. At 2048 the at::mm panels were ahead (0.84-0.95x against the
+# tiles' 0.70-0.80x, two runs of benchmarks/gemm.py).
+TILES_MIN_M = 16
 TILES_MAX_M = 512
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
 # are decompressed for `at::mm` (bf16 above TILES_MAX_M too).

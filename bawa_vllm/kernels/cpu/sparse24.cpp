@@ -426,95 +426,104 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- large M (bf16): dense tiles
+// ---------------------------------------------------------------- from 8 tokens (bf16): dense tiles
 // The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
 // and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
-// a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows are read as they come, one column pair (a u32) broadcast per row. x is brought once
-// per call to tiles of 32 tokens, column pair by column pair (xv[p][t]); 8 rows of W x 32 tokens are 16
-// accumulators, each column pair costing 2 vector loads of x, 8 broadcasts of W and 16 `vdpbf16ps`. Alone
-// on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core); K is cut in
-// chunks so that a tile's x stays in L1 while all rows of the panel pass over it.
-constexpr int64_t kTileTokens = 32;        // tokens per tile: two vectors of 16 lanes
-constexpr int kTileRows = 8;               // rows of W per micro-kernel call
-constexpr int64_t kTilePairs = 256;        // column pairs per K chunk: 32 KiB of a tile's x
-constexpr int64_t kTilePanelRows = 128;     // rows of W a thread decompresses at once
-constexpr int64_t kTileBlock = 8;          // tiles that share each K chunk of the panel
+// a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows
+// are read as they come, one column pair (a u32) broadcast per row. x is brought once per call to tiles of
+// 16 TB tokens, column pair by column pair (xv[p][t]); 16 / TB rows of W x TB vectors of tokens are 16
+// accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
+// Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
+// (32 tokens) needs fewer loads; TB = 1 wastes less of a tile below 17 tokens. K is cut in chunks so that a
+// tile's x stays in L1 while all rows of the panel pass over it.
+constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
+constexpr int64_t kTilePanelRows = 128;  // rows of W a thread decompresses at once
+constexpr int64_t kTileBlock = 8;        // tiles that share each K chunk of the panel
 
-// xv[p][t] = column pair p (two bf16 as a u32) of token m0 + t, for the 32 tokens of a tile (zero past M).
+// xv[p][t] = column pair p (two bf16 as a u32) of token m0 + t, for the 16 TB tokens of a tile (zero past M).
+template <int TB>
 void pack_tile(const uint32_t* x, int64_t M, int64_t P, int64_t m0, uint32_t* xv) {
+  constexpr int64_t T = 16 * TB;
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(P)));
-  const int64_t mt = std::min<int64_t>(kTileTokens, M - m0);
-  const __mmask16 k0 = lanes16(mt), k1 = lanes16(std::max<int64_t>(0, mt - 16));
-  const uint32_t* x0 = x + m0 * P;
-  const uint32_t* x1 = x + std::min(m0 + 16, M - 1) * P;  // unread when k1 is empty
-  for (int64_t p = 0; p < P; ++p) {
-    _mm512_storeu_si512(xv + p * kTileTokens, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k0, idx, x0 + p, 4));
-    _mm512_storeu_si512(xv + p * kTileTokens + 16,
-                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k1, idx, x1 + p, 4));
+  __mmask16 k[TB];
+  const uint32_t* xb[TB];
+  for (int b = 0; b < TB; ++b) {
+    k[b] = lanes16(std::max<int64_t>(0, M - m0 - 16 * b));
+    xb[b] = x + std::min(m0 + 16 * b, M - 1) * P;  // unread when k[b] is empty
   }
+  for (int64_t p = 0; p < P; ++p)
+#pragma GCC unroll 2
+    for (int b = 0; b < TB; ++b)
+      _mm512_storeu_si512(xv + p * T + 16 * b,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k[b], idx, xb[b] + p, 4));
 }
 
-// c[r][t] (+)= sum over pc column pairs of W[r] . x[t]: rows w + r * K (u16, from the chunk's first column),
-// xv [pc][32]; c [8][32] fp32 is zeroed when `first`.
-__attribute__((target("avx512bf16"))) void tile_kernel(const uint16_t* w, int64_t K, const uint32_t* xv, int64_t pc,
+// c[r][t] (+)= sum over pc column pairs of W[r] . x[t] for 16 / TB rows: rows w + r * ld (u16, from the
+// chunk's first column), xv [pc][16 TB]; c [16 / TB][16 TB] fp32 is zeroed when `first`.
+template <int TB>
+__attribute__((target("avx512bf16"))) void tile_kernel(const uint16_t* w, int64_t ld, const uint32_t* xv, int64_t pc,
                                                         float* c, bool first) {
-  __m512 acc[kTileRows][2];
-  const uint32_t* wr[kTileRows];
-#pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) {
-    wr[r] = reinterpret_cast<const uint32_t*>(w + r * K);
-    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * kTileTokens);
-    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * kTileTokens + 16);
+  constexpr int R = 16 / TB, T = 16 * TB;
+  __m512 acc[R][TB];
+  const uint32_t* wr[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    wr[r] = reinterpret_cast<const uint32_t*>(w + r * ld);
+#pragma GCC unroll 2
+    for (int b = 0; b < TB; ++b) acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * T + 16 * b);
   }
   for (int64_t p = 0; p < pc; ++p) {
-    const __m512bh x0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * kTileTokens));
-    const __m512bh x1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * kTileTokens + 16));
-#pragma GCC unroll 8
-    for (int r = 0; r < kTileRows; ++r) {
+    __m512bh xr[TB];
+#pragma GCC unroll 2
+    for (int b = 0; b < TB; ++b) xr[b] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * T + 16 * b));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
       const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(wr[r][p])));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, x0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, x1);
+#pragma GCC unroll 2
+      for (int b = 0; b < TB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, xr[b]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) {
-    _mm512_storeu_ps(c + r * kTileTokens, acc[r][0]);
-    _mm512_storeu_ps(c + r * kTileTokens + 16, acc[r][1]);
-  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < TB; ++b) _mm512_storeu_ps(c + r * T + 16 * b, acc[r][b]);
 }
 
-// y[t][r] = c[r][t] as bf16 for the first `rows` rows and `mt` tokens: 16 rows at a time, one gather per token.
-__attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t rows, int64_t mt, uint16_t* y,
+// y[t][r] = c[r][t] as bf16 for the first `rows` rows and `mt` tokens (c rows are T floats apart): 16 rows at a
+// time, one gather per token.
+__attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t T, int64_t rows, int64_t mt, uint16_t* y,
                                                        int64_t N) {
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(kTileTokens)));
+                                         _mm512_set1_epi32(static_cast<int>(T)));
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const __mmask16 k = lanes16(rows - r0);
     for (int64_t t = 0; t < mt; ++t) {
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, c + r0 * kTileTokens + t, 4);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, c + r0 * T + t, 4);
       _mm256_mask_storeu_epi16(y + t * N + r0, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
 
+template <int TB>
 void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
+  constexpr int64_t T = 16 * TB, R = 16 / TB;
   const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
-  const int64_t tiles = (M + kTileTokens - 1) / kTileTokens, groups = row_groups(N);
+  const int64_t tiles = (M + T - 1) / T, groups = row_groups(N);
   const auto* xp = reinterpret_cast<const uint32_t*>(x2.data_ptr<c10::BFloat16>());
-  torch::Tensor xv = torch::empty({tiles, P, kTileTokens}, x2.options().dtype(torch::kInt32));
+  torch::Tensor xv = torch::empty({tiles, P, T}, x2.options().dtype(torch::kInt32));
   auto* xvp = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) pack_tile(xp, M, P, t * kTileTokens, xvp + t * P * kTileTokens);
+    for (int64_t t = begin; t < end; ++t) pack_tile<TB>(xp, M, P, t * T, xvp + t * P * T);
   });
   // Row groups per panel: up to kTilePanelRows rows, and at least 4 panels per thread (or one group per panel)
   // so that the threads share the rows evenly.
   const int64_t by_threads = std::max<int64_t>(1, groups / (4 * at::get_num_threads()));
   const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
   const int64_t panels = (groups + per_panel - 1) / per_panel;
-  const int64_t cap = (per_panel * kNR + kTileRows - 1) / kTileRows * kTileRows;  // rows, padded for the kernel
-  // Row stride of the panel: K plus one cache line, so that the kernel's 8 row streams do not fall in the
-  // same L1 sets when K * 2 bytes is a multiple of 4 KiB.
+  const int64_t cap = (per_panel * kNR + R - 1) / R * R;  // rows, padded for the kernel
+  // Row stride of the panel: K plus one cache line, so that the kernel's row streams do not fall in the same
+  // L1 sets when K * 2 bytes is a multiple of 4 KiB.
   const int64_t ld = K + 32;
   const auto* vals = values.data_ptr<c10::BFloat16>();
   const uint8_t* mk = meta.data_ptr<uint8_t>();
@@ -525,7 +534,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
     thread_local std::vector<c10::BFloat16> scratch;
     thread_local std::vector<float> c;
     if (static_cast<int64_t>(scratch.size()) < cap * ld) scratch.resize(cap * ld);
-    if (static_cast<int64_t>(c.size()) < kTileBlock * cap * kTileTokens) c.resize(kTileBlock * cap * kTileTokens);
+    if (static_cast<int64_t>(c.size()) < kTileBlock * cap * T) c.resize(kTileBlock * cap * T);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0);
@@ -535,7 +544,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
         decompress_group<c10::BFloat16>(rows_of(vals, mk, N, K, g), nr, K, scratch.data() + rows * ld, ld);
         rows += nr;
       }
-      const int64_t padded = (rows + kTileRows - 1) / kTileRows * kTileRows;
+      const int64_t padded = (rows + R - 1) / R * R;
       std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
       const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
       // Per block of tiles, K chunk by K chunk: the panel's chunk (padded x kTilePairs pairs) stays in L2 for
@@ -545,15 +554,14 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
         for (int64_t k0 = 0; k0 < P; k0 += kTilePairs) {
           const int64_t pc = std::min(kTilePairs, P - k0);
           for (int64_t t = b0; t < b1; ++t) {
-            const uint32_t* xt = xvp + (t * P + k0) * kTileTokens;
-            float* ct = c.data() + (t - b0) * padded * kTileTokens;
-            for (int64_t r0 = 0; r0 < padded; r0 += kTileRows)
-              tile_kernel(wp + r0 * ld + 2 * k0, ld, xt, pc, ct + r0 * kTileTokens, k0 == 0);
+            const uint32_t* xt = xvp + (t * P + k0) * T;
+            float* ct = c.data() + (t - b0) * padded * T;
+            for (int64_t r0 = 0; r0 < padded; r0 += R)
+              tile_kernel<TB>(wp + r0 * ld + 2 * k0, ld, xt, pc, ct + r0 * T, k0 == 0);
           }
         }
         for (int64_t t = b0; t < b1; ++t)
-          store_tile(c.data() + (t - b0) * padded * kTileTokens, rows, std::min(kTileTokens, M - t * kTileTokens),
-                     yp + t * kTileTokens * N + n0, N);
+          store_tile(c.data() + (t - b0) * padded * T, T, rows, std::min(T, M - t * T), yp + t * T * N + n0, N);
       }
     }
   });
@@ -578,7 +586,8 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
   if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (tiles) dense_tiles(x2, values, meta, y);
+    if (tiles && M <= 16) dense_tiles<1>(x2, values, meta, y);  // one 16-token tile holds them all
+    else if (tiles) dense_tiles<2>(x2, values, meta, y);
     else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
