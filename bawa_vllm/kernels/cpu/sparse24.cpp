@@ -18,9 +18,10 @@
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
 // Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
-// rows of x, 4 rows of x per pass. From about 16 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
-// thread decompressing a panel of rows into a private buffer that a micro-kernel of ours runs on. Other
-// dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy ever exists.
+// rows of x, 4 rows of x per pass. From 16 to 512 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
+// thread decompressing a panel of rows into a private buffer that a micro-kernel of ours runs on. Above 512
+// tokens, and for other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy
+// ever exists. kernels/cpu/__init__.py has the measured crossovers.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
@@ -333,10 +334,10 @@ void decompress_span(const T* v, uint64_t meta, int64_t width, T* d) {
   }
 }
 
-// A whole 64-column word of a 16-bit dtype, without `vpexpandw` (about 5 cycles on Zen 5, and the per-byte
-// mask work around it made decompression a fifth of a prefill GEMM): per byte lane c, `vpmultishiftqb` pulls
-// the nibble of group c / 4, a 64-entry `vpermb` table maps (nibble, c % 4) to the offset of the kept value in
-// its group (0 or 1) or to "zero" (bit 7), plus 2 (c / 4); two `vpermw` then place the 32 values.
+// A whole 64-column word of a 16-bit dtype, without `vpexpandw` (about 5 cycles on Zen 5) or a scalar mask
+// per byte: per byte lane c, `vpmultishiftqb` pulls the nibble of group c / 4, a 64-entry `vpermb` table maps
+// (nibble, c % 4) to the offset of the kept value in its group (0 or 1) or to "zero" (bit 7), plus 2 (c / 4);
+// two `vpermw` then place the 32 values.
 struct WordConstants {
   alignas(64) uint8_t shift[64];  // byte c: bit offset of group c / 4's nibble in the word's metadata
   alignas(64) uint8_t lane[64];   // c % 4
