@@ -292,25 +292,23 @@ void small_m(const XT* x, int64_t M, const T* values, const uint8_t* meta, int64
 }
 
 // ---------------------------------------------------------------- large M: decompress panels, dense GEMM
-// Column bitmask of the groups in `nbytes` metadata bytes (bit c set when column c is kept): each nibble
-// p0 | p1 << 2 maps to its group's 4-bit mask (1 << p0) | (1 << p1), 16 nibbles at once by two pshufb lookups
-// (a scalar byte table, one lookup per byte, cost about as much as the expansion itself).
-struct NibbleMasks {
-  alignas(16) uint8_t of[16];
-  NibbleMasks() {
-    for (int n = 0; n < 16; ++n) of[n] = static_cast<uint8_t>((1 << (n & 3)) | (1 << (n >> 2)));
+// Column bitmask of the groups in `nbytes` metadata bytes (bit c set when column c is kept): a byte (two
+// groups' nibbles) maps to the 8-bit mask of its 8 columns.
+struct MaskTable {
+  uint8_t of[256];
+  MaskTable() {
+    for (int b = 0; b < 256; ++b) {
+      const int lo = b & 0xF, hi = b >> 4;
+      of[b] = static_cast<uint8_t>(((1 << (lo & 3)) | (1 << (lo >> 2))) | (((1 << (hi & 3)) | (1 << (hi >> 2))) << 4));
+    }
   }
 };
-const NibbleMasks kNibbleMasks;
+const MaskTable kMask;
 
 inline uint64_t column_mask(uint64_t meta, int64_t nbytes) {
-  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kNibbleMasks.of));
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m128i m = _mm_cvtsi64_si128(static_cast<long long>(meta));
-  const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(m, low));
-  const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi64(m, 4), low));
-  const auto mask = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_or_si128(lo, _mm_slli_epi64(hi, 4))));
-  return nbytes >= 8 ? mask : mask & ((uint64_t{1} << (8 * nbytes)) - 1);
+  uint64_t mask = 0;
+  for (int64_t j = 0; j < nbytes; ++j) mask |= static_cast<uint64_t>(kMask.of[(meta >> (8 * j)) & 0xFF]) << (8 * j);
+  return mask;
 }
 
 // The dense row r of a row group (K columns) written to d, from `width` columns at a time.
@@ -396,6 +394,19 @@ void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t l
       decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, dst + r * ld + full * kWord);
 }
 
+// Row groups [g0, g1) decompressed one under the other into dst (row stride ld); returns the rows written.
+template <typename T>
+int64_t decompress_panel(const T* vals, const uint8_t* mk, int64_t N, int64_t K, int64_t g0, int64_t g1, T* dst,
+                         int64_t ld) {
+  int64_t rows = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t nr = rows_in_group(N, g);
+    decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, dst + rows * ld, ld);
+    rows += nr;
+  }
+  return rows;
+}
+
 template <typename T>
 void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y,
              int64_t panel_bytes) {
@@ -414,12 +425,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0);
-      int64_t rows = 0;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nr = rows_in_group(N, g);
-        decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, scratch.data_ptr<T>() + rows * K, K);
-        rows += nr;
-      }
+      const int64_t rows = decompress_panel<T>(vals, mk, N, K, g0, g1, scratch.data_ptr<T>(), K);
       auto out = part.narrow(1, 0, rows);
       at::mm_out(out, x2, scratch.narrow(0, 0, rows).t());
       y.narrow(1, n0, rows).copy_(out);
@@ -427,7 +433,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- from 8 tokens (bf16): dense tiles
+// ---------------------------------------------------------------- 16 to 512 tokens (bf16): dense tiles
 // The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
 // and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
 // a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows
@@ -539,12 +545,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0);
-      int64_t rows = 0;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nr = rows_in_group(N, g);
-        decompress_group<c10::BFloat16>(rows_of(vals, mk, N, K, g), nr, K, scratch.data() + rows * ld, ld);
-        rows += nr;
-      }
+      const int64_t rows = decompress_panel<c10::BFloat16>(vals, mk, N, K, g0, g1, scratch.data(), ld);
       const int64_t padded = (rows + R - 1) / R * R;
       std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
       const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
