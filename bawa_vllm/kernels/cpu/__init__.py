@@ -44,13 +44,14 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
 # bf16 on CPUs with AVX512_BF16: token counts from TILES_MIN_M to TILES_MAX_M run dense tiles (sparse24.cpp:
-# each thread decompresses a panel of rows for a bf16 micro-kernel of ours; tiles of 16 tokens up to 16, of 32
-# above); below, the packed GEMV; above, the panels. Against vLLM's own CPU GEMM (1 thread, Zen 5, the 12 linear
-# shapes of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B, weights cycled past L3, methods interleaved): at M = 12
-# the tiles ran 0.55-0.72x and the GEMV 0.62-0.89x; at 16 the tiles 0.66-0.90x, the GEMV 0.61-0.83x; at 24 and
-# 32 the tiles were ahead on 21 of 24 shapes. At 2048 the at::mm panels were ahead (0.84-0.95x against the
-# tiles' 0.70-0.80x, two runs of benchmarks/gemm.py).
-TILES_MIN_M = 16
+# each thread decompresses a panel of rows for a bf16 micro-kernel of ours, tiles of 32 tokens); below, the
+# packed GEMV; above, the panels. GEMV time over tiles time (1 thread, Zen 5, weights cycled past L3, the two
+# paths interleaved; shapes 2048x8192, 3072x2048, 960x576, 16384x2048), with the GEMV's software prefetch:
+# M = 16: 0.94, 0.78, 0.92, 0.78; 20: 0.82, 0.82, 0.80, 0.66; 24: 0.89, 0.92, 0.90, 0.77; 28: 0.99, 0.93, 1.09;
+# 32: 1.11, 1.07, 1.23, 0.98. At 2 threads, 24: 0.88, 1.14, 1.05, 0.78; 32: 1.32, 1.48, 1.30, 0.99. At 2048 the
+# at::mm panels were ahead of the tiles (0.84-0.95x of vLLM's GEMM against 0.70-0.80x, two runs of
+# benchmarks/gemm.py). So the GEMV runs up to 27 tokens (from 28 the two are even at 1 thread).
+TILES_MIN_M = 28
 TILES_MAX_M = 512
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
 # are decompressed for `at::mm` (bf16 above TILES_MAX_M too).

@@ -18,7 +18,7 @@
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
 // Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
-// rows of x, 4 rows of x per pass. From 16 to 512 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
+// rows of x, 4 rows of x per pass. From 28 to 512 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
 // thread decompressing a panel of rows into a private buffer that a micro-kernel of ours runs on. Above 512
 // tokens, and for other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy
 // ever exists. kernels/cpu/__init__.py has the measured crossovers.
@@ -126,6 +126,27 @@ Rows<T> rows_of(const T* values, const uint8_t* meta, int64_t N, int64_t K, int6
   return {v, 0, kWord / 2, m, 0, kWord / 8, v + full * kWord / 2, 0, m + full * kWord / 8, 0};
 }
 
+// Software prefetch of word i's values and metadata (call it for a word some way ahead). The hardware
+// prefetchers alone left decode at about half a core's DRAM bandwidth once the micro-kernel had work to do:
+// the loads stalled and the arithmetic waited on them instead of overlapping. Never faults, so no bounds.
+template <typename T>
+inline void prefetch_word(const Rows<T>& w, int64_t i) {
+  const char* pv = reinterpret_cast<const char*>(w.v + i * w.v_word);
+  for (int64_t o = 0; o < w.v_word * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(pv + o, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w.m + i * w.m_word), _MM_HINT_T0);
+}
+// How far ahead the GEMV prefetches: 16 KiB of values, 64 words for a block of 4 bf16 rows. On a 2048 x 8192
+// bf16 weight streamed from DRAM by one Zen 5 core, 1 token, 4 rows of bf16 per block: no software prefetch
+// 12.5 GB/s; 8 words ahead 17.5; 16 words 20.7; 32 words 22.6; 64 words 29.5-31.4; 128 words 25.2.
+constexpr int64_t kPrefetchBytes = 16 << 10;
+// The panel decompression prefetches 8 words ahead; 32 and 64 measured no different on the dense tiles.
+constexpr int64_t kDecompressPrefetchWords = 8;
+
+template <typename T>
+inline int64_t prefetch_words(const Rows<T>& w) {
+  return std::max<int64_t>(1, kPrefetchBytes / (w.v_word * static_cast<int64_t>(sizeof(T))));
+}
+
 // Row groups rows_of() knows: the tiled blocks, then each leftover row.
 inline int64_t row_groups(int64_t N) { return N / kNR + N % kNR; }
 inline int64_t rows_in_group(int64_t N, int64_t b) { return b < N / kNR ? kNR : 1; }
@@ -182,8 +203,9 @@ __attribute__((target("avx512bf16"))) void dot_bf16(const uint16_t* const* xs, c
   __m512 acc[kNR][MR];
   for (int r = 0; r < kNR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  const int64_t full = K / kWord;
+  const int64_t full = K / kWord, ahead = prefetch_words(w);
   for (int64_t i = 0; i < full; ++i) {
+    prefetch_word(w, i + ahead);
     __m512i idx[kNR], wv[kNR];
     for (int r = 0; r < kNR; ++r) {
       idx[r] = gather_idx16(load_meta8(w.m + i * w.m_word + r * w.m_row));
@@ -238,8 +260,9 @@ void dot_fp32(const float* const* xs, const Rows<T>& w, int64_t K, float* out) {
   };
   const T* v[kNR];
   const uint8_t* mk[kNR];
-  const int64_t full = K / kWord;
+  const int64_t full = K / kWord, ahead = prefetch_words(w);
   for (int64_t i = 0; i < full; ++i) {
+    prefetch_word(w, i + ahead);
     for (int h = 0; h < 2; ++h) {
       for (int r = 0; r < kNR; ++r) {
         v[r] = w.v + i * w.v_word + r * w.v_row + 16 * h;
@@ -374,11 +397,7 @@ void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t l
   // Word by word, then row by row: that is the order the tiled layout stores them in, one contiguous stream
   // (row by row over all words walked 4 strided streams and stalled on nearly every load).
   for (int64_t i = 0; i < full; ++i) {
-    if (i + 8 < full) {  // 8 words ahead: 2 KiB of values (4 rows of bf16), 256 bytes of metadata
-      const char* pv = reinterpret_cast<const char*>(w.v + (i + 8) * w.v_word);
-      for (int64_t o = 0; o < w.v_word * static_cast<int64_t>(sizeof(T)); o += 64) _mm_prefetch(pv + o, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w.m + (i + 8) * w.m_word), _MM_HINT_T0);
-    }
+    prefetch_word(w, i + kDecompressPrefetchWords);
     for (int64_t r = 0; r < nr; ++r) {
       const T* v = w.v + i * w.v_word + r * w.v_row;
       const uint64_t m = load_meta8(w.m + i * w.m_word + r * w.m_row);
@@ -433,7 +452,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- 16 to 512 tokens (bf16): dense tiles
+// ---------------------------------------------------------------- 28 to 512 tokens (bf16): dense tiles
 // The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
 // and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
 // a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows
@@ -441,7 +460,8 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // 16 TB tokens, column pair by column pair (xv[p][t]); 16 / TB rows of W x TB vectors of tokens are 16
 // accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
 // Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
-// (32 tokens) needs fewer loads; TB = 1 wastes less of a tile below 17 tokens. K is cut in chunks so that a
+// (32 tokens) needs fewer loads and is the one used: TB = 1 (16 tokens) lost to the prefetching GEMV below 28
+// tokens, where it was meant to run. K is cut in chunks so that a
 // tile's x stays in L1 while all rows of the panel pass over it.
 constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
 constexpr int64_t kTilePanelRows = 128;  // rows of W a thread decompresses at once
@@ -588,8 +608,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
   if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (tiles && M <= 16) dense_tiles<1>(x2, values, meta, y);  // one 16-token tile holds them all
-    else if (tiles) dense_tiles<2>(x2, values, meta, y);
+    if (tiles) dense_tiles<2>(x2, values, meta, y);
     else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
