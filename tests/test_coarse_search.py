@@ -232,6 +232,31 @@ def test_line_stage_scores_held_out_windows_and_picks_the_best_point():
     assert flat.t == 0.0 and torch.equal(flat.theta, start)
 
 
+def test_guarded_line_stage_moves_only_where_the_windows_agree():
+    """line_guard > 0: each held-out window is scored alone; a point that is lower on average only because
+    one window drops a lot stays at the start, a point lower on every window is taken."""
+    from bawa_vllm.pruning.search import holdout_split, line_search
+
+    cfg = SearchConfig(line_points=3, holdout=0.25, seed=1, line_guard=2.0)
+    held, _ = holdout_split(16, cfg)
+    start = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    end = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+
+    def make(changes):  # per held-out window: the loss change at t = 0.5 and at t = 1 against t = 0
+        def loss(theta, idx):  # the mean over the windows asked for, as the block loss is
+            t = float(1.0 - theta[0, 2])
+            rows = [held.tolist().index(int(i)) for i in idx]
+            return 1.0 + sum(changes[j] * ((t == 0.5) + 0.5 * (t == 1.0)) for j in rows) / len(rows)
+        return loss
+
+    noisy = line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, cfg)  # mean -0.0625, one window
+    assert noisy.t == 0.0 and len(noisy.losses) == 3
+    agreed = line_search(make([-0.02, -0.03, -0.02, -0.025]), start, end, 16, cfg)
+    assert agreed.t == 0.5 and agreed.losses[1] < agreed.losses[0]
+    # without the guard the lowest mean wins, the noisy point included
+    assert line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, SearchConfig(line_points=3, seed=1)).t == 0.5
+
+
 def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():
     job = _job("2:4")
     calls = []

@@ -70,12 +70,16 @@ class SearchConfig:
     # block stage: points on the segment from the coarse Θ to the initial Θ scored by the block loss on the
     # held-out windows (0 or 1: skip it)
     line_points: int = 5
+    # line stage: 0 takes the point of lowest held-out loss; g > 0 scores each held-out window alone and
+    # leaves the start only for a point whose mean per-window loss change against it, plus g standard errors
+    # of that change, is below zero (the windows must agree, not just their sum)
+    line_guard: float = 0.0
 
     def __post_init__(self):
         self.coarse_steps = tuple(float(x) for x in self.coarse_steps)
         if (self.epochs < 0 or self.batch_size < 1 or self.eps <= 0 or self.lr < 0 or self.max_step <= 0
                 or not 0 <= self.holdout < 1 or self.coarse_evals < 0 or not 0 < self.coarse_rows <= 1
-                or self.line_points < 0
+                or self.line_points < 0 or self.line_guard < 0
                 or not all(x > 0 for x in self.coarse_steps)):
             raise ValueError(f"invalid search settings: {self}")
 
@@ -117,10 +121,29 @@ def line_search(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, n_sampl
     val, _ = holdout_split(n_samples, cfg)
     idx = val if val.numel() else None
     ts = [k / (cfg.line_points - 1) for k in range(cfg.line_points)]
+    if cfg.line_guard > 0 and idx is not None and idx.numel() >= 2:
+        return _guarded_line(loss_fn, start, end, ts, idx, cfg.line_guard)
     losses, best = [], 0
     for k, t in enumerate(ts):
         losses.append(float(loss_fn(start + t * (end - start), idx)))
         if losses[k] < losses[best]:
+            best = k
+    return LineResult(t=ts[best], theta=start + ts[best] * (end - start), losses=losses)
+
+
+def _guarded_line(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, ts: list[float], idx: torch.Tensor,
+                  guard: float) -> LineResult:
+    """The line stage with ``SearchConfig.line_guard``: why — the lowest of five noisy held-out losses is
+    biased low, so with a few windows the stage can move on noise; here a point must beat the start on the
+    windows one by one (paired differences), by more than ``guard`` standard errors of their mean."""
+    per = torch.tensor([[float(loss_fn(start + t * (end - start), idx[j : j + 1])) for j in range(idx.numel())]
+                        for t in ts], dtype=torch.float64)
+    diff = per - per[0]
+    upper = diff.mean(dim=1) + guard * diff.std(dim=1) / math.sqrt(idx.numel())
+    losses = per.mean(dim=1).tolist()
+    best = 0
+    for k in range(1, len(ts)):
+        if upper[k] < 0 and losses[k] < losses[best]:
             best = k
     return LineResult(t=ts[best], theta=start + ts[best] * (end - start), losses=losses)
 
