@@ -44,7 +44,9 @@ VARIANTS = {  # label -> (method, search settings or None for no search)
     "wanda": ("wanda", None),
     "no-search": ("bawa", None),
     "coarse": ("bawa", {"epochs": 0, "line_points": 0}),
-    "coarse+line": ("bawa", {}),
+    "coarse+line": ("bawa", {}),  # the default: since this variant's ablation, with the guard below
+    # the line stage taking the point of lowest held-out loss (the default before the guard)
+    "coarse+line-unguarded": ("bawa", {"line_guard": 0.0}),
     # the line stage scored on every calibration window instead of the held-out quarter (--search-holdout 0)
     "coarse+line-all": ("bawa", {"holdout": 0.0}),
     # the line stage leaves the coarse Θ only where the held-out windows agree, one by one (2 standard errors)

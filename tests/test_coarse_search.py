@@ -214,7 +214,7 @@ def test_export_reports_theta_and_runs_only_the_stages_asked(line_points, stages
 def test_line_stage_scores_held_out_windows_and_picks_the_best_point():
     from bawa_vllm.pruning.search import holdout_split, line_search
 
-    cfg = SearchConfig(line_points=5, holdout=0.25, seed=3)
+    cfg = SearchConfig(line_points=5, holdout=0.25, seed=3, line_guard=0.0)
     seen = []
 
     def loss(theta, idx):
@@ -254,7 +254,8 @@ def test_guarded_line_stage_moves_only_where_the_windows_agree():
     agreed = line_search(make([-0.02, -0.03, -0.02, -0.025]), start, end, 16, cfg)
     assert agreed.t == 0.5 and agreed.losses[1] < agreed.losses[0]
     # without the guard the lowest mean wins, the noisy point included
-    assert line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, SearchConfig(line_points=3, seed=1)).t == 0.5
+    unguarded = SearchConfig(line_points=3, seed=1, line_guard=0.0)
+    assert line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, unguarded).t == 0.5
 
 
 def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():
@@ -268,8 +269,10 @@ def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():
     job.loss = block_loss
     job.n_samples = 8
     result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=3)).prune_block(job)
-    assert result.search["line"]["t"] == 0.0 and len(result.search["line"]["losses"]) == 3 and len(calls) == 3
-    assert all(idx is not None and idx.numel() == 2 for idx in calls)  # the held-out quarter of 8 windows
+    # the default guard scores the held-out quarter of 8 windows one window at a time: 3 points x 2 windows
+    assert result.search["line"]["t"] == 0.0 and len(result.search["line"]["losses"]) == 3 and len(calls) == 6
+    assert all(idx is not None and idx.numel() == 1 for idx in calls)
+    assert len({int(idx[0]) for idx in calls}) == 2
 
 
 def test_reported_theta_is_the_applied_theta_in_full_precision():
@@ -280,7 +283,7 @@ def test_reported_theta_is_the_applied_theta_in_full_precision():
     losses = iter([1.0, 0.5, 1.0, 1.0])  # t = 0, 1/3, 2/3, 1: the second point wins
     job.loss = lambda masks, idx: next(losses)
     job.n_samples = 8
-    result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=4)).prune_block(job)
+    result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=4, line_guard=0.0)).prune_block(job)
     assert result.search["line"]["t"] == 1 / 3
     init = torch.tensor(BAWA_INIT_THETA, dtype=torch.float64)
     for name, weight in job.dense.items():

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--line-points", type=int, default=d.line_points,
                    help="line stage: points on the segment from the coarse-stage Θ to --theta-init, scored by the "
                         "block loss on the held-out windows (a block forward of those windows each); 0 skips it")
+    s.add_argument("--line-guard", type=float, default=d.line_guard,
+                   help="line stage: leave the coarse-stage Θ only for a point that lowers the block loss on the "
+                        "held-out windows one by one, by more than this many standard errors of the mean change; "
+                        "0 takes the point of lowest held-out loss")
     s.add_argument("--search-epochs", type=int, default=d.epochs,
                    help="zeroth-order stage: epochs over the calibration windows (block forwards); 0 skips it")
     s.add_argument("--search-batch", type=int, default=d.batch_size, help="calibration windows per step")
@@ -102,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExportConfig, SearchConf
     search = None if args.no_search else SearchConfig(
         epochs=args.search_epochs, batch_size=args.search_batch, lr=args.search_lr, eps=args.search_eps,
         max_step=args.search_max_step, patience=args.search_patience, holdout=args.search_holdout, seed=args.seed,
-        coarse_evals=args.coarse_evals, line_points=args.line_points,
+        coarse_evals=args.coarse_evals, line_points=args.line_points, line_guard=args.line_guard,
     )
     return cfg, search
 

@@ -72,8 +72,10 @@ class SearchConfig:
     line_points: int = 5
     # line stage: 0 takes the point of lowest held-out loss; g > 0 scores each held-out window alone and
     # leaves the start only for a point whose mean per-window loss change against it, plus g standard errors
-    # of that change, is below zero (the windows must agree, not just their sum)
-    line_guard: float = 0.0
+    # of that change, is below zero (the windows must agree, not just their sum). g = 2 against 0, SmolLM2,
+    # development split, seed 0 (benchmarks/results/search-ablation-guard-smollm2): 2:4 134.57 vs 145.98,
+    # 4:8 70.42 vs 72.95, 70 % 933.51 vs 945.66 (50 % and 60 %: see the README)
+    line_guard: float = 2.0
 
     def __post_init__(self):
         self.coarse_steps = tuple(float(x) for x in self.coarse_steps)
