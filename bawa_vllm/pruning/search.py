@@ -74,7 +74,7 @@ class SearchConfig:
     # leaves the start only for a point whose mean per-window loss change against it, plus g standard errors
     # of that change, is below zero (the windows must agree, not just their sum). g = 2 against 0, SmolLM2,
     # development split, seed 0 (benchmarks/results/search-ablation-guard-smollm2): 2:4 134.57 vs 145.98,
-    # 4:8 70.42 vs 72.95, 70 % 933.51 vs 945.66 (50 % and 60 %: see the README)
+    # 4:8 70.42 vs 72.95, 50 % 38.50 vs 38.21, 60 % 105.73 vs 112.58, 70 % 933.51 vs 945.66
     line_guard: float = 2.0
 
     def __post_init__(self):
@@ -119,7 +119,8 @@ def line_search(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, n_sampl
     *block* (attention's softmax, the SwiGLU product, several pruned layers at once) and to the dense
     model's output is only seen by the block loss; one direction, towards the initial Θ (BaWA's
     normalised, outlier-damped prior), scored on windows no step has seen, costs a few forwards of a
-    quarter of the windows. Ties keep the point nearest ``start``."""
+    quarter of the windows. Ties keep the point nearest ``start``; with ``cfg.line_guard`` (the default) a
+    point must also beat ``start`` on the windows one by one (:func:`_guarded_line`)."""
     val, _ = holdout_split(n_samples, cfg)
     idx = val if val.numel() else None
     ts = [k / (cfg.line_points - 1) for k in range(cfg.line_points)]
