@@ -462,8 +462,8 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
 // Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
 // (32 tokens) needs fewer loads and is the one used: TB = 1 (16 tokens) lost to the prefetching GEMV below 28
-// tokens, where it was meant to run. K is cut in chunks so that a
-// tile's x stays in L1 while all rows of the panel pass over it.
+// tokens, where it was meant to run. K is cut in chunks so that a tile's x stays in L1 while all rows of the
+// panel pass over it.
 constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
 constexpr int64_t kTilePanelRows = 128;  // rows of W a thread decompresses at once
 constexpr int64_t kTileBlock = 8;        // tiles that share each K chunk of the panel
