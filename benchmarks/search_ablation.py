@@ -49,7 +49,8 @@ VARIANTS = {  # label -> (method, search settings or None for no search)
     "coarse+line-unguarded": ("bawa", {"line_guard": 0.0}),
     # the line stage scored on every calibration window instead of the held-out quarter (--search-holdout 0)
     "coarse+line-all": ("bawa", {"holdout": 0.0}),
-    # the line stage leaves the coarse Θ only where the held-out windows agree, one by one (2 standard errors)
+    # the line stage leaves the coarse Θ only where the held-out windows agree, one by one (2 standard errors):
+    # the same settings as "coarse+line" since it became the default; the label its ablation was measured under
     "coarse+line-guard": ("bawa", {"line_guard": 2.0}),
     "coarse+line+zo": ("bawa", {"epochs": 2}),
     "zo-only": ("bawa", {"epochs": 2, "coarse_evals": 0}),

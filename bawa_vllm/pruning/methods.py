@@ -89,8 +89,8 @@ class Bawa(PruningMethod):
     picks each linear's Θ by its layer-output error from the Gram matrix (no block forward, see
     :func:`coarse_search`); the line stage moves the whole block's Θ along the segment towards the initial
     Θ as far as the block loss on held-out windows says, window by window (:func:`line_search`, a few
-    forwards of a quarter of the windows); the zeroth-order steps (off by default) refine all of the block's Θ together against
-    the block loss, which needs many block forwards.
+    forwards of a quarter of the windows); the zeroth-order steps (off by default) refine all of the block's
+    Θ together against the block loss, which needs many block forwards.
     """
 
     name = "bawa"

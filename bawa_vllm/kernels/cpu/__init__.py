@@ -4,8 +4,9 @@ Layout kept per layer: the on-disk ``values [N, K/2]`` and ``meta [N, K/8]`` (2-
 load in place (same tensors, shapes and bytes): rows interleaved in blocks of 4, word by word (64 columns: 32
 values, 8 metadata bytes), so that the kernel, which works on 4 rows at once, streams one contiguous run of
 values and one of metadata. For a few tokens the kernel gathers x to the kept values (``vpmultishiftqb`` +
-``vpermt2w``) rather than expanding the weights; from 16 tokens (bf16) each thread decompresses a panel of rows
-into a buffer it keeps between calls and runs a bf16 micro-kernel of ours on it; the C++ file says why.
+``vpermt2w``) rather than expanding the weights; from ``TILES_MIN_M`` tokens (bf16) each thread decompresses a
+panel of rows into a buffer it keeps between calls and runs a bf16 micro-kernel of ours on it; the C++ file says
+why.
 
 Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
 (``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a

@@ -496,6 +496,14 @@ inline void transpose16x16(__m512i r[16]) {
   }
 }
 
+// The first `rows` rows and `cols` columns of the 32-bit block at src (rows `stride` elements apart; zeros
+// beyond), transposed: r[j] = column j. How the tiles bring x in and y out.
+inline void load_transposed(const uint32_t* src, int64_t stride, int64_t rows, int64_t cols, __m512i r[16]) {
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_epi32(lanes16(cols), src + i * stride) : _mm512_setzero_si512();
+  transpose16x16(r);
+}
+
 // xv[p][t] = column pair p (two bf16 as a u32) of token m0 + t, for the 16 TB tokens of a tile (zero past M):
 // 16 tokens x 16 pairs at a time, loaded as rows of x and transposed in registers.
 template <int TB>
@@ -506,9 +514,7 @@ void pack_tile(const uint32_t* x, int64_t M, int64_t P, int64_t m0, uint32_t* xv
     for (int64_t p0 = 0; p0 < P; p0 += 16) {
       const int64_t np = std::min<int64_t>(16, P - p0);
       __m512i r[16];
-      for (int t = 0; t < 16; ++t)
-        r[t] = t < nt ? _mm512_maskz_loadu_epi32(lanes16(np), x + (t0 + t) * P + p0) : _mm512_setzero_si512();
-      transpose16x16(r);
+      load_transposed(x + std::min(t0, M) * P + p0, P, nt, np, r);
       for (int64_t p = 0; p < np; ++p) _mm512_storeu_si512(xv + (p0 + p) * T + 16 * b, r[p]);
     }
   }
@@ -554,9 +560,7 @@ __attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t T,
     for (int64_t t0 = 0; t0 < mt; t0 += 16) {
       const int64_t nt = std::min<int64_t>(16, mt - t0);
       __m512i v[16];
-      for (int r = 0; r < 16; ++r)
-        v[r] = r < nr ? _mm512_maskz_loadu_epi32(lanes16(nt), c + (r0 + r) * T + t0) : _mm512_setzero_si512();
-      transpose16x16(v);
+      load_transposed(reinterpret_cast<const uint32_t*>(c + r0 * T + t0), T, nr, nt, v);
       for (int64_t t = 0; t < nt; ++t)
         _mm256_mask_storeu_epi16(y + (t0 + t) * N + r0, lanes16(nr),
                                  reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[t]))));
