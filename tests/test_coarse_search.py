@@ -219,7 +219,7 @@ def test_line_stage_scores_held_out_windows_and_picks_the_best_point():
 
     def loss(theta, idx):
         seen.append(None if idx is None else sorted(idx.tolist()))
-        return float((theta[0, 2] - 0.6) ** 2)
+        return torch.full((len(idx),), float((theta[0, 2] - 0.6) ** 2))
 
     start = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
     end = torch.tensor([[1.0, 1.0, 0.2]], dtype=torch.float64)  # θ_act 1.0 -> 0.2: t = 0.5 gives 0.6
@@ -228,7 +228,7 @@ def test_line_stage_scores_held_out_windows_and_picks_the_best_point():
     assert all(s == sorted(held.tolist()) for s in seen) and len(seen) == 5 and len(held) == 4
     assert res.t == 0.5 and torch.allclose(res.theta, torch.tensor([[0.5, 0.5, 0.6]], dtype=torch.float64))
     # ties keep the point nearest the start
-    flat = line_search(lambda th, idx: 1.0, start, end, 16, cfg)
+    flat = line_search(lambda th, idx: torch.ones(len(idx)), start, end, 16, cfg)
     assert flat.t == 0.0 and torch.equal(flat.theta, start)
 
 
@@ -243,10 +243,10 @@ def test_guarded_line_stage_moves_only_where_the_windows_agree():
     end = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
 
     def make(changes):  # per held-out window: the loss change at t = 0.5 and at t = 1 against t = 0
-        def loss(theta, idx):  # the mean over the windows asked for, as the block loss is
+        def loss(theta, idx):  # each window's loss, in the order asked for, as the block loss gives them
             t = float(1.0 - theta[0, 2])
             rows = [held.tolist().index(int(i)) for i in idx]
-            return 1.0 + sum(changes[j] * ((t == 0.5) + 0.5 * (t == 1.0)) for j in rows) / len(rows)
+            return torch.tensor([1.0 + changes[j] * ((t == 0.5) + 0.5 * (t == 1.0)) for j in rows])
         return loss
 
     noisy = line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, cfg)  # mean -0.0625, one window
@@ -264,15 +264,15 @@ def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():
 
     def block_loss(masks, idx):
         calls.append(idx)
-        return 1.0  # flat: ties keep t = 0
+        return torch.ones(idx.numel())  # flat: ties keep t = 0
 
     job.loss = block_loss
     job.n_samples = 8
     result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=3)).prune_block(job)
-    # the default guard scores the held-out quarter of 8 windows one window at a time: 3 points x 2 windows
-    assert result.search["line"]["t"] == 0.0 and len(result.search["line"]["losses"]) == 3 and len(calls) == 6
-    assert all(idx is not None and idx.numel() == 1 for idx in calls)
-    assert len({int(idx[0]) for idx in calls}) == 2
+    # one call per point, each on the held-out quarter of 8 windows (the guard reads their losses one by one)
+    assert result.search["line"]["t"] == 0.0 and len(result.search["line"]["losses"]) == 3 and len(calls) == 3
+    assert all(idx is not None and idx.numel() == 2 for idx in calls)
+    assert len({tuple(idx.tolist()) for idx in calls}) == 1
 
 
 def test_reported_theta_is_the_applied_theta_in_full_precision():
@@ -281,7 +281,7 @@ def test_reported_theta_is_the_applied_theta_in_full_precision():
     coarse = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=1)).prune_block(_job("2:4")).theta
     job = _job("2:4")
     losses = iter([1.0, 0.5, 1.0, 1.0])  # t = 0, 1/3, 2/3, 1: the second point wins
-    job.loss = lambda masks, idx: next(losses)
+    job.loss = lambda masks, idx: torch.full((idx.numel(),), next(losses))
     job.n_samples = 8
     result = Bawa(SearchConfig(epochs=0, coarse_evals=8, line_points=4, line_guard=0.0)).prune_block(job)
     assert result.search["line"]["t"] == 1 / 3

@@ -56,3 +56,45 @@ def test_apply_mask_leaves_positive_zero():
     apply_mask_(w, mask)
     zeros = w == 0
     assert zeros.sum() == 16 and not torch.signbit(w[zeros]).any()
+
+
+def _reference_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
+    """keep_mask's definition, written out with Python's (stable) sorted: ties go by position."""
+    rows, cols = scores.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        s = scores[r].tolist()
+        if pattern.is_nm:
+            for g in range(0, cols, pattern.m):
+                for j in sorted(range(g, g + pattern.m), key=lambda j: (-s[j], j))[: pattern.n]:
+                    mask[r, j] = True
+        else:
+            mask[r] = True
+            for j in sorted(range(cols), key=lambda j: (s[j], j))[: int(cols * pattern.ratio)]:
+                mask[r, j] = False
+    return mask
+
+
+@pytest.mark.parametrize("spec", ["0.5", "0.7", "0.05", "2:4", "4:8", "1:4", "3:8"])
+@pytest.mark.parametrize("kind", ["distinct", "many ties", "infinities", "float64"])
+def test_masks_break_ties_by_position_like_a_stable_sort(spec, kind):
+    """The selection and rank shortcuts must give exactly the sorted definition's masks: the search's
+    reproducibility (a reported Θ rebuilds its masks bit for bit) depends on it."""
+    gen = torch.Generator().manual_seed(hash((spec, kind)) % 2**31)
+    scores = torch.randn(7, 48, generator=gen)
+    if kind == "many ties":
+        scores = torch.randint(0, 3, (7, 48), generator=gen).float()
+        scores[0] = 1.0  # one row all tied
+    elif kind == "infinities":
+        scores[scores > 0.8] = torch.inf
+        scores[scores < -1.0] = 0.0
+    elif kind == "float64":
+        scores = scores.double()
+    pattern = SparsityPattern.parse(spec)
+    assert torch.equal(keep_mask(scores, pattern), _reference_mask(scores, pattern))
+
+
+def test_nan_scores_rank_above_every_number():
+    scores = torch.tensor([[0.1, float("nan"), 0.3, 0.2, 0.4, 0.5, 0.6, 0.7]])
+    assert keep_mask(scores, SparsityPattern.parse("2:4")).tolist() == [[False, True, True, False] + [False, False, True, True]]
+    assert keep_mask(scores, SparsityPattern(0.75))[0].nonzero().flatten().tolist() == [1, 7]

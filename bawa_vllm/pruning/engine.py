@@ -80,10 +80,11 @@ def rms_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-def block_loss_terms(dense_out: torch.Tensor, pruned_out: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of ||RMSNorm(dense) − RMSNorm(pruned)||² (squared error summed over hidden), and the token count."""
+def window_losses(dense_out: torch.Tensor, pruned_out: torch.Tensor) -> torch.Tensor:
+    """Per window [B]: the mean over its tokens of ||RMSNorm(dense) − RMSNorm(pruned)||² (summed over hidden).
+    Windows have one length, so the block loss of several windows is the mean of theirs."""
     diff = rms_normalize(dense_out) - rms_normalize(pruned_out)
-    return diff.pow(2).sum().item(), diff[..., 0].numel()
+    return diff.pow(2).sum(dim=-1).mean(dim=-1).double()
 
 
 def peak_rss_mib() -> float:
@@ -179,24 +180,25 @@ class BlockPruner:
                 self.dense_out[b] = self.dense_hidden[b] = self.decoder.run_block(layer, i, self.dense_hidden[b])
         return sums, grams, self.hidden.shape[0] * self.hidden.shape[1]
 
-    def loss(self, layer, i: int, idx: torch.Tensor | None) -> float:
-        """The block loss of the windows ``idx`` (None: all) with the layer's current weights."""
+    def loss(self, layer, i: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """The block loss of each window of ``idx`` (None: all) with the layer's current weights, in the order
+        of ``idx``: windows are forwarded ``forward_batch`` at a time, and the line stage's guard still sees
+        each window's own loss."""
         return self._run(layer, i, idx, write_back=False)
 
     def propagate(self, layer, i: int) -> float:
         """Pruned forward: the outputs become the next block's inputs; returns the block loss."""
-        return self._run(layer, i, None, write_back=True)
+        return float(self._run(layer, i, None, write_back=True).mean())
 
     @torch.no_grad()
-    def _run(self, layer, i: int, idx: torch.Tensor | None, write_back: bool) -> float:
-        total, tokens = 0.0, 0
+    def _run(self, layer, i: int, idx: torch.Tensor | None, write_back: bool) -> torch.Tensor:
+        losses = []
         for b in self._batches(idx):
             out = self.decoder.run_block(layer, i, self.hidden[b])
-            t, n = block_loss_terms(self.dense_out[b], out)
-            total, tokens = total + t, tokens + n
+            losses.append(window_losses(self.dense_out[b], out).cpu())
             if write_back:
                 self.hidden[b] = out
-        return total / tokens
+        return torch.cat(losses)
 
 
 def _state_path(tmp: Path, block: int) -> Path:

@@ -32,8 +32,8 @@ class BlockJob:
     n_samples: int
     gram: dict[str, torch.Tensor] | None = None  # name -> XᵀX (fp32), for methods with needs_gram
     n_tokens: int = 0
-    # loss(masks, window indices or None for all) -> block loss with those masks applied
-    loss: Callable[[dict[str, torch.Tensor], torch.Tensor | None], float] | None = None
+    # loss(masks, window indices or None for all) -> block loss of each of those windows with the masks applied
+    loss: Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor] | None = None
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Bawa(PruningMethod):
             info["line"] = {"t": line.t, "losses": line.losses}
         if self.search is not None and self.search.epochs > 0 and job.loss is not None:
             result = zeroth_order_search(
-                lambda th, idx: job.loss(masks_at(th), idx), theta, job.n_samples, self.search,
+                lambda th, idx: float(job.loss(masks_at(th), idx).mean()), theta, job.n_samples, self.search,
                 desc=f"search block {job.index}",
             )
             theta = result.theta

@@ -45,6 +45,8 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None], float]
+# Θ, window indices (None: all) -> the loss of each of those windows, in their order
+WindowLossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -111,7 +113,7 @@ class LineResult:
     losses: list[float]  # block loss on the held-out windows at each point
 
 
-def line_search(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, n_samples: int, cfg: SearchConfig
+def line_search(loss_fn: WindowLossFn, start: torch.Tensor, end: torch.Tensor, n_samples: int, cfg: SearchConfig
                 ) -> LineResult:
     """The best of ``cfg.line_points`` evenly spaced points of the segment ``start`` → ``end`` under the
     block loss of the held-out windows (all windows if there are too few). Why: under the layer-output
@@ -120,35 +122,32 @@ def line_search(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, n_sampl
     model's output is only seen by the block loss; one direction, towards the initial Θ (BaWA's
     normalised, outlier-damped prior), scored on windows no step has seen, costs a few forwards of a
     quarter of the windows. Ties keep the point nearest ``start``; with ``cfg.line_guard`` (the default) a
-    point must also beat ``start`` on the windows one by one (:func:`_guarded_line`)."""
+    point must also beat ``start`` on the windows one by one (:func:`_agreed_moves`)."""
     val, _ = holdout_split(n_samples, cfg)
     idx = val if val.numel() else None
     ts = [k / (cfg.line_points - 1) for k in range(cfg.line_points)]
-    if cfg.line_guard > 0 and idx is not None and idx.numel() >= 2:
-        return _guarded_line(loss_fn, start, end, ts, idx, cfg.line_guard)
-    losses, best = [], 0
-    for k, t in enumerate(ts):
-        losses.append(float(loss_fn(start + t * (end - start), idx)))
-        if losses[k] < losses[best]:
-            best = k
-    return LineResult(t=ts[best], theta=start + ts[best] * (end - start), losses=losses)
-
-
-def _guarded_line(loss_fn: LossFn, start: torch.Tensor, end: torch.Tensor, ts: list[float], idx: torch.Tensor,
-                  guard: float) -> LineResult:
-    """The line stage with ``SearchConfig.line_guard``: why — the lowest of five noisy held-out losses is
-    biased low, so with a few windows the stage can move on noise; here a point must beat the start on the
-    windows one by one (paired differences), by more than ``guard`` standard errors of their mean."""
-    per = torch.tensor([[float(loss_fn(start + t * (end - start), idx[j : j + 1])) for j in range(idx.numel())]
-                        for t in ts], dtype=torch.float64)
-    diff = per - per[0]
-    upper = diff.mean(dim=1) + guard * diff.std(dim=1) / math.sqrt(idx.numel())
+    # one call per point: its masks are built once and its windows forwarded together
+    per = torch.stack([loss_fn(start + t * (end - start), idx).to(torch.float64) for t in ts])
     losses = per.mean(dim=1).tolist()
+    if cfg.line_guard > 0 and per.shape[1] >= 2 and idx is not None:
+        admissible = _agreed_moves(per, cfg.line_guard)
+    else:
+        admissible = [True] * len(ts)
     best = 0
     for k in range(1, len(ts)):
-        if upper[k] < 0 and losses[k] < losses[best]:
+        if admissible[k] and losses[k] < losses[best]:
             best = k
     return LineResult(t=ts[best], theta=start + ts[best] * (end - start), losses=losses)
+
+
+def _agreed_moves(per: torch.Tensor, guard: float) -> list[bool]:
+    """``SearchConfig.line_guard``, for per-window losses ``per`` [points, windows]: why — the lowest of five
+    noisy held-out losses is biased low, so with a few windows the stage could move on noise; a point may
+    replace the start only if it beats it on the windows one by one (paired differences), by more than
+    ``guard`` standard errors of their mean."""
+    diff = per - per[0]
+    upper = diff.mean(dim=1) + guard * diff.std(dim=1) / math.sqrt(per.shape[1])
+    return [k == 0 or bool(upper[k] < 0) for k in range(per.shape[0])]
 
 
 def zeroth_order_search(loss_fn: LossFn, theta0: torch.Tensor, n_samples: int, cfg: SearchConfig,
