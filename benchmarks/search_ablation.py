@@ -7,7 +7,8 @@ Variants (``--variants``, default the first four):
 - ``coarse``: the coarse stage only (each linear's Θ by its Gram-matrix output error; no block forward);
 - ``coarse+line``: the default search: the coarse stage, then the line stage (the block's Θ moved towards
   the initial Θ as far as the block loss on held-out windows says);
-- ``coarse+line-all``: the same, the line stage scored on all calibration windows (``--search-holdout 0``);
+- ``coarse+line-all``: the same, the line stage scored on all calibration windows (``--search-holdout 0``),
+  taking the lowest mean; ``coarse+line-all-guard``: the same with the default guard;
 - ``coarse+line+zo``: the default, then the paper's zeroth-order steps (2 epochs, lr 0.2, model target);
 - ``zo-only``: the zeroth-order steps alone from the initial Θ (the search before this issue).
 
@@ -47,8 +48,10 @@ VARIANTS = {  # label -> (method, search settings or None for no search)
     "coarse+line": ("bawa", {}),  # the default: since this variant's ablation, with the guard below
     # the line stage taking the point of lowest held-out loss (the default before the guard)
     "coarse+line-unguarded": ("bawa", {"line_guard": 0.0}),
-    # the line stage scored on every calibration window instead of the held-out quarter (--search-holdout 0)
-    "coarse+line-all": ("bawa", {"holdout": 0.0}),
+    # the line stage scored on every calibration window instead of the held-out quarter (--search-holdout 0),
+    # taking the lowest mean, and with the guard (the windows must agree, one by one)
+    "coarse+line-all": ("bawa", {"holdout": 0.0, "line_guard": 0.0}),
+    "coarse+line-all-guard": ("bawa", {"holdout": 0.0}),
     # the line stage leaves the coarse Θ only where the held-out windows agree, one by one (2 standard errors):
     # the same settings as "coarse+line" since it became the default; the label its ablation was measured under
     "coarse+line-guard": ("bawa", {"line_guard": 2.0}),

@@ -256,6 +256,16 @@ def test_guarded_line_stage_moves_only_where_the_windows_agree():
     # without the guard the lowest mean wins, the noisy point included
     unguarded = SearchConfig(line_points=3, seed=1, line_guard=0.0)
     assert line_search(make([-0.4, 0.05, 0.05, 0.05]), start, end, 16, unguarded).t == 0.5
+    # --search-holdout 0: every window is scored, and the guard still reads them one by one
+    one_window = torch.tensor([1.0] + [0.0] * 7)
+
+    def all_windows(theta, idx):
+        assert idx is None
+        return 1.0 + (float(1.0 - theta[0, 2]) == 0.5) * (0.02 - one_window)
+
+    everyone = SearchConfig(line_points=3, holdout=0.0, line_guard=2.0)
+    assert line_search(all_windows, start, end, 8, everyone).t == 0.0
+    assert line_search(all_windows, start, end, 8, SearchConfig(line_points=3, holdout=0.0, line_guard=0.0)).t == 0.5
 
 
 def test_bawa_line_stage_never_leaves_the_segment_and_records_losses():

@@ -129,7 +129,7 @@ def line_search(loss_fn: WindowLossFn, start: torch.Tensor, end: torch.Tensor, n
     # one call per point: its masks are built once and its windows forwarded together
     per = torch.stack([loss_fn(start + t * (end - start), idx).to(torch.float64) for t in ts])
     losses = per.mean(dim=1).tolist()
-    if cfg.line_guard > 0 and per.shape[1] >= 2 and idx is not None:
+    if cfg.line_guard > 0 and per.shape[1] >= 2:
         admissible = _agreed_moves(per, cfg.line_guard)
     else:
         admissible = [True] * len(ts)
