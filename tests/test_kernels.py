@@ -70,11 +70,17 @@ def test_small_and_large_m_paths_agree(monkeypatch):
     x = torch.randn(4, 520).bfloat16()
     gemv = packed(x)
     _check(gemv, x, w, None)
-    monkeypatch.setattr(cpu, "TILES_MIN_M", 1)
-    tiles = packed(x)
-    monkeypatch.setattr(cpu, "TILES_MIN_M", 10**9)
-    monkeypatch.setattr(cpu, "SMALL_M_MAX", 0)
-    panel = packed(x)
+    try:
+        monkeypatch.setattr(cpu, "TILES_MIN_M", 1)
+        cpu.apply_dispatch()
+        tiles = packed(x)
+        monkeypatch.setattr(cpu, "TILES_MIN_M", 10**9)
+        monkeypatch.setattr(cpu, "SMALL_M_MAX", 0)
+        cpu.apply_dispatch()
+        panel = packed(x)
+    finally:
+        monkeypatch.undo()
+        cpu.apply_dispatch()
     torch.testing.assert_close(gemv.float(), tiles.float(), rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(gemv.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
 
@@ -127,6 +133,25 @@ def test_opcheck_and_fullgraph_compile():
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x), f(x))
     assert compiled(torch.randn(9, 64).bfloat16()).shape == (9, 32)
+
+
+def test_cpu_tensors_run_the_ops_cpp_kernel_for_both_cpu_codes():
+    """The kernel's library registers the op's CPU implementation in C++ (no Python per decode call); it
+    must serve the cpu layout and the dense fallback's layout alike, with leading dims, and refuse others."""
+    cpu.load()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bawa_sparse::linear", "CPU")
+    w = _weight(24, 40, torch.bfloat16)
+    sparse = kernels.prepare(*pack_24(w), backend=kernels.CPU)
+    dense = kernels.prepare(*pack_24(w), backend=kernels.DENSE)
+    x = torch.randn(2, 3, 40).bfloat16()
+    bias = torch.randn(24).bfloat16()
+    with torch.inference_mode():  # as vLLM runs it
+        y_sparse, y_dense = sparse(x, bias), dense(x, bias)
+    assert y_sparse.shape == y_dense.shape == (2, 3, 24)
+    _check(y_sparse.reshape(6, 24), x.reshape(6, 40), w, bias)
+    torch.testing.assert_close(y_dense, F.linear(x, w, bias))
+    with pytest.raises(RuntimeError, match="backend 2 does not run on CPU tensors"):
+        torch.ops.bawa_sparse.linear(x, sparse.values, sparse.meta, None, 24, kernels.TRITON)
 
 
 def test_auto_picks_cpu_and_dense_is_forced_by_env(monkeypatch):

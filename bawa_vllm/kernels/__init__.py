@@ -149,7 +149,12 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, name: str = "layer", backe
 @torch.library.custom_op("bawa_sparse::linear", mutates_args=())
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
            out_features: int, backend: int, aux: torch.Tensor | None = None, aux_min_m: int = 0) -> torch.Tensor:
-    """``x @ Wᵀ + bias`` for a 2:4 ``W`` held as :func:`prepare` left it; any leading dims of ``x``."""
+    """``x @ Wᵀ + bias`` for a 2:4 ``W`` held as :func:`prepare` left it; any leading dims of ``x``.
+
+    This Python body runs the GPU backends, and the dense fallback until the CPU kernel is loaded. For CPU
+    tensors the CPU kernel's library registers a C++ implementation of this op (``sparse24.cpp``,
+    ``op_linear``: the ``cpu`` and ``dense`` codes) that the dispatcher prefers, so a ``cpu`` layer never
+    comes here and decode pays no Python per call."""
     x2 = x.reshape(-1, x.shape[-1])
     y = _module(backend).linear(x2, values, meta, bias, out_features, aux, aux_min_m)
     return y.reshape(*x.shape[:-1], out_features)

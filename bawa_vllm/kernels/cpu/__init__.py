@@ -97,6 +97,7 @@ def load() -> ModuleType:
         raise RuntimeError(_error)
     try:
         _module = _build()
+        apply_dispatch()
     except Exception as err:
         text = str(err).strip()
         first = next((line for line in text.splitlines() if "error" in line.lower()), text[-300:])
@@ -156,7 +157,7 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
     return PackedLinear(CPU, n, values, meta)
 
 
-def linear(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int, aux: torch.Tensor | None, aux_min_m: int) -> torch.Tensor:
-    del out_features, aux, aux_min_m
-    return load().linear(x2, values, meta, bias, SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M)
+def apply_dispatch() -> None:
+    """Hand this module's crossovers to the kernel, whose C++ implementation of the op reads them (done at
+    load; again after changing them, e.g. to force a path in a test)."""
+    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M)
