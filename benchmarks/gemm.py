@@ -14,6 +14,9 @@ A benchmark that calls one weight in a loop would time cache hits (a 2:4 weight 
 L3 where its dense 32 MB does not, which inflates the ratio). Every method therefore cycles through
 enough copies of its weight to exceed ``--cache-mb`` (default 2× a typical L3) on each timed pass.
 
+Everything runs under ``torch.inference_mode()``, as vLLM's model runner does: outside it, every op pays
+autograd's dispatch as well, which a served model does not.
+
 Writes ``gemm.json``, ``gemm.md`` and ``gemm.png`` (ratio against M, one line per shape and thread count).
 """
 
@@ -168,6 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     with_vllm = device.type == "cpu" and not args.no_vllm
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
+    with torch.inference_mode():
+        rows = measure(args, threads, dtype, device, with_vllm)
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    write_report(rows, args.out, {"device": dev, "dtype": args.dtype, "torch": torch.__version__,
+                                  "cache_mb": args.cache_mb, "inference_mode": True})
+
+
+def measure(args, threads: list[int], dtype: torch.dtype, device: torch.device, with_vllm: bool) -> list[dict]:
     rows = []
     for t in threads:
         torch.set_num_threads(t)
@@ -177,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 # (measured: the same time at 1 and 2 threads, where F.linear halves); a served model binds its
                 # threads itself. So the vLLM column is only measured at one thread, where both sides agree.
                 rows += run_shape(name, n, k, args.m, dtype, device, t, args.cache_mb, with_vllm and t == 1)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
-    write_report(rows, args.out, {"device": dev, "dtype": args.dtype, "torch": torch.__version__,
-                                  "cache_mb": args.cache_mb})
+    return rows
 
 
 if __name__ == "__main__":

@@ -154,6 +154,29 @@ def test_cpu_tensors_run_the_ops_cpp_kernel_for_both_cpu_codes():
         torch.ops.bawa_sparse.linear(x, sparse.values, sparse.meta, None, 24, kernels.TRITON)
 
 
+@pytest.mark.parametrize("dtype,m", [(torch.float32, 100), (torch.bfloat16, 600)])
+def test_panels_run_on_worker_threads_under_inference_mode(monkeypatch, dtype, m):
+    """vLLM runs the model under torch.inference_mode; the panels (fp32 above 64 tokens, bf16 above 512) write
+    their results with tensor ops on torch's worker threads, which must run in the caller's mode (a worker
+    outside it may not update the inference tensor y in place). Small panels force several tasks."""
+    w = _weight(130, 96, dtype)
+    packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
+    x = torch.randn(m, 96).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpu, "PANEL_BYTES", 1)  # 4 row groups per panel: 9 panels
+        cpu.apply_dispatch()
+        assert cpu.load().parallel_threads() == 2
+        with torch.inference_mode():
+            y = packed(x)
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+        cpu.apply_dispatch()
+    _check(y, x, w, None)
+
+
 def test_auto_picks_cpu_and_dense_is_forced_by_env(monkeypatch):
     monkeypatch.delenv("BAWA_SPARSE_BACKEND", raising=False)
     assert kernels.choose_backend(torch.device("cpu"), torch.bfloat16, 64, 64) == (kernels.CPU, "")

@@ -26,6 +26,7 @@
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -439,7 +440,11 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   const uint8_t* mk = meta.data_ptr<uint8_t>();
   // One panel per task: each thread owns its scratch and runs a single-threaded GEMM on it (nested
   // parallel regions run inline), so a panel stays in the thread's own cache between decompression and use.
+  // The tasks use tensor ops, so they run in the caller's thread-local state: torch's worker threads do not
+  // inherit it, and under vLLM's torch.inference_mode a worker outside that mode may not write y in place.
+  const at::ThreadLocalState caller;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller);
     torch::Tensor scratch = torch::empty({per_panel * kNR, K}, values.options());
     torch::Tensor part = torch::empty({M, per_panel * kNR}, y.options());
     for (int64_t p = begin; p < end; ++p) {
