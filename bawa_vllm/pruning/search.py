@@ -72,7 +72,7 @@ class SearchConfig:
     # block stage: points on the segment from the coarse Θ to the initial Θ scored by the block loss on the
     # held-out windows (0 or 1: skip it)
     line_points: int = 5
-    # line stage: 0 takes the point of lowest held-out loss; g > 0 scores each held-out window alone and
+    # line stage: 0 takes the point of lowest held-out loss; g > 0 reads each held-out window's loss apart and
     # leaves the start only for a point whose mean per-window loss change against it, plus g standard errors
     # of that change, is below zero (the windows must agree, not just their sum). g = 2 against 0, SmolLM2,
     # development split, seed 0 (benchmarks/results/search-ablation-guard-smollm2): 2:4 134.57 vs 145.98,
