@@ -121,8 +121,13 @@ def run(args) -> dict:
     add(dense)
     logging.info("dense: ppl %.3f", dense["perplexity"])
     result["structured"] = run_structured(args, windows) if args.structured_ratios else None
+    if args.sparsities is None:  # a merge must not drop the patterns nobody named
+        args.sparsities = (list(dict.fromkeys(spec for _, spec, _ in done if spec != "-")) if args.report_only
+                           else ["0.5", "2:4", "4:8"])
     for spec in args.sparsities:
         seeds = [args.seed] + (args.extra_seeds if spec in args.seed_sparsities else [])
+        if args.report_only:  # every seed the sources hold for this pattern
+            seeds += sorted({sd for _, sp, sd in done if sp == spec and sd not in seeds})
         for seed in seeds:
             variants = {v[0]: v for v in VARIANTS}
             for label in args.methods or list(variants):  # in the order given: the first ones matter most
@@ -250,7 +255,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--eval", required=True, help="held-out text (not the calibration text)")
-    ap.add_argument("--sparsities", nargs="*", default=["0.5", "2:4", "4:8"])
+    ap.add_argument("--sparsities", nargs="*", default=None,
+                    help="patterns to run (default: 0.5 2:4 4:8; with --report-only, every pattern the sources hold)")
     ap.add_argument("--structured-ratios", type=float, nargs="*", default=[],
                     help="also compare LLM-BIP with structured magnitude and random at these ratios (e.g. 0.2 0.5)")
     ap.add_argument("--nsamples", type=int, default=128)

@@ -26,3 +26,10 @@ def test_a_second_run_with_other_rows_keeps_the_first_runs_rows(tmp_path, llama_
     quality.main(common + ["--sparsities", "0.5", "--methods", "wanda"])
     again = json.loads((tmp_path / "q" / "quality.json").read_text())["rows"]
     assert next(r for r in again if r["method"] == "wanda") == first and len(again) == 3
+    # --report-only without --sparsities reports every pattern the results hold, not only the default three
+    quality.main(common + ["--sparsities", "0.6", "--methods", "magnitude"])
+    held = json.loads((tmp_path / "q" / "quality.json").read_text())["rows"]
+    quality.main(common[:-4] + ["--out", str(tmp_path / "merged"), "--reuse", str(tmp_path / "q"), "--report-only"])
+    merged = json.loads((tmp_path / "merged" / "quality.json").read_text())["rows"]
+    assert sorted((r["method"], r["sparsity"]) for r in merged) == sorted((r["method"], r["sparsity"]) for r in held)
+    assert ("magnitude", "0.6") in {(r["method"], r["sparsity"]) for r in merged}
