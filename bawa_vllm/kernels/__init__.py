@@ -72,7 +72,9 @@ def _module(code: int):
         from . import triton_24
 
         return triton_24
-    return _dense
+    if code == DENSE:
+        return _dense
+    raise ValueError(f"bawa_sparse: unknown backend code {code} (choose one of {sorted(_CODE.values())})")
 
 
 def supported(code: int, device: torch.device, dtype: torch.dtype, n: int, k: int) -> tuple[bool, str]:
@@ -146,18 +148,23 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, name: str = "layer", backe
         return _dense.prepare(values, meta, n)
 
 
-@torch.library.custom_op("bawa_sparse::linear", mutates_args=())
-def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int, backend: int, aux: torch.Tensor | None = None, aux_min_m: int = 0) -> torch.Tensor:
+def python_body(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int, backend: int, aux: torch.Tensor | None = None, aux_min_m: int = 0) -> torch.Tensor:
     """``x @ Wᵀ + bias`` for a 2:4 ``W`` held as :func:`prepare` left it; any leading dims of ``x``.
 
-    This Python body runs the GPU backends, and the dense fallback until the CPU kernel is loaded. For CPU
-    tensors the CPU kernel's library registers a C++ implementation of this op (``sparse24.cpp``,
-    ``op_linear``: the ``cpu`` and ``dense`` codes) that the dispatcher prefers, so a ``cpu`` layer never
-    comes here and decode pays no Python per call."""
+    The op's Python body: the GPU backends, and the dense fallback until the CPU kernel is loaded. For CPU
+    tensors the CPU kernel's library registers a C++ implementation of the op (``sparse24.cpp``,
+    ``op_linear``) that the dispatcher prefers, so a ``cpu`` layer pays no Python per decode call; it runs
+    the ``cpu`` and ``dense`` codes itself and hands any other code (Triton's interpreter on CPU tensors)
+    back to this function."""
+    if backend == CPU:  # its kernel is C++ only: here only if CPU code meets tensors of another device
+        raise RuntimeError(f"bawa_sparse::linear: the cpu backend runs on CPU tensors only, got {x.device}")
     x2 = x.reshape(-1, x.shape[-1])
     y = _module(backend).linear(x2, values, meta, bias, out_features, aux, aux_min_m)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+linear = torch.library.custom_op("bawa_sparse::linear", python_body, mutates_args=())
 
 
 @linear.register_fake

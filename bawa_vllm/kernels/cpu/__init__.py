@@ -97,6 +97,9 @@ def load() -> ModuleType:
         raise RuntimeError(_error)
     try:
         _module = _build()
+        from .. import python_body
+
+        _module.set_python_body(python_body)
         apply_dispatch()
     except Exception as err:
         text = str(err).strip()

@@ -692,10 +692,19 @@ void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m,
   g_dispatch = Dispatch{small_m_max, panel_bytes, tiles_min_m, tiles_max_m};
 }
 
+// The op's Python body (kernels/__init__.py, python_body), for backend codes this file does not run. Set once
+// at load and never freed: a py::object destroyed after the interpreter has finalised would crash at exit.
+py::object* g_python_body = nullptr;
+
+void set_python_body(py::function body) {
+  if (g_python_body == nullptr) g_python_body = new py::object(std::move(body));
+}
+
 // `bawa_sparse::linear` for CPU tensors, registered with the dispatcher when this library loads. Why in C++:
-// the op's Python implementation cost about 16 us a call before the kernel started (dispatch into Python, the
-// reshape, the backend lookup), 7 % of a Llama-3.2-1B qkv projection at one token; here it is one C++ call.
-// Codes as in kernels/__init__.py: 0 the dense fallback (F.linear on the rebuilt weight), 1 this kernel.
+// the op's Python body cost about 7 us more a call under inference mode (dispatch into Python, the reshape,
+// the backend lookup), several percent of a small projection at one token; here it is one C++ call.
+// Codes as in kernels/__init__.py: 0 the dense fallback (F.linear on the rebuilt weight), 1 this kernel; any
+// other (Triton's interpreter runs its kernels on CPU tensors) goes back to the Python body.
 torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& meta,
                         const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t backend,
                         const c10::optional<torch::Tensor>& aux, int64_t aux_min_m) {
@@ -710,7 +719,9 @@ torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, con
   } else if (backend == 0) {
     y = at::linear(x2, values, bias);
   } else {
-    TORCH_CHECK(false, "bawa_sparse::linear: backend ", backend, " does not run on CPU tensors");
+    TORCH_CHECK(g_python_body != nullptr, "bawa_sparse::linear: backend ", backend, " has no CPU implementation");
+    py::gil_scoped_acquire gil;
+    return (*g_python_body)(x, values, meta, bias, out_features, backend, aux, aux_min_m).cast<torch::Tensor>();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
@@ -739,6 +750,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_python_body", &set_python_body, "the op's Python body, for the backend codes the C++ kernel does not run");
   m.def("set_dispatch", &set_dispatch, "the crossovers of the op's CPU kernel (kernels/cpu/__init__.py)",
         py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"));
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
