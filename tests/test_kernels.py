@@ -44,16 +44,16 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120)])
+@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120), (22, 1096)])
 def test_op_matches_dense_masked(dtype, n, k):
     """Every M regime (packed GEMV; for bf16 dense tiles from cpu.TILES_MIN_M, whole and partial tiles of 32
-    tokens; panels above cpu.SMALL_M_MAX for other dtypes, above cpu.TILES_MAX_M for bf16), K tails of 8/16/24,
-    with/without bias."""
+    tokens, over more than one block of 2048 tokens; panels above cpu.SMALL_M_MAX for other dtypes), K tails of
+    8/16/24, with/without bias."""
     w = _weight(n, k, dtype)
     values, meta = pack_24(w)
     packed = kernels.prepare(values.clone(), meta.clone(), backend=kernels.CPU)
     assert packed.backend == kernels.CPU
-    for m in (1, 3, 16, cpu.TILES_MIN_M, 40, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257, cpu.TILES_MAX_M + 1):
+    for m in (1, 3, 16, cpu.TILES_MIN_M, 40, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257, 2100):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         bias = torch.randn(n).to(dtype)
         _check(packed(x, bias), x, w, bias)
@@ -157,9 +157,10 @@ def test_cpu_tensors_run_the_ops_cpp_kernel_for_both_cpu_codes():
 
 @pytest.mark.parametrize("dtype,m", [(torch.float32, 100), (torch.bfloat16, 600)])
 def test_panels_run_on_worker_threads_under_inference_mode(monkeypatch, dtype, m):
-    """vLLM runs the model under torch.inference_mode; the panels (fp32 above 64 tokens, bf16 above 512) write
-    their results with tensor ops on torch's worker threads, which must run in the caller's mode (a worker
-    outside it may not update the inference tensor y in place). Small panels force several tasks."""
+    """vLLM runs the model under torch.inference_mode; the panels (fp32 above 64 tokens; bf16 on CPUs without
+    AVX512_BF16, forced here by lowering cpu.TILES_MAX_M) write their results with tensor ops on torch's worker
+    threads, which must run in the caller's mode (a worker outside it may not update the inference tensor y in
+    place). Small panels force several tasks."""
     w = _weight(130, 96, dtype)
     packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
     x = torch.randn(m, 96).to(dtype)
@@ -167,6 +168,7 @@ def test_panels_run_on_worker_threads_under_inference_mode(monkeypatch, dtype, m
     try:
         torch.set_num_threads(2)
         monkeypatch.setattr(cpu, "PANEL_BYTES", 1)  # 4 row groups per panel: 9 panels
+        monkeypatch.setattr(cpu, "TILES_MAX_M", 0)
         cpu.apply_dispatch()
         assert cpu.load().parallel_threads() == 2
         with torch.inference_mode():

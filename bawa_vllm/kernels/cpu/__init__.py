@@ -44,18 +44,21 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
-# bf16 on CPUs with AVX512_BF16: token counts from TILES_MIN_M to TILES_MAX_M run dense tiles (sparse24.cpp:
-# each thread decompresses a panel of rows for a bf16 micro-kernel of ours, tiles of 32 tokens); below, the
-# packed GEMV; above, the panels. GEMV time over tiles time (1 thread, Zen 5, weights cycled past L3, the two
-# paths interleaved; shapes 2048x8192, 3072x2048, 960x576, 16384x2048), with the GEMV's software prefetch:
+# bf16 on CPUs with AVX512_BF16: from TILES_MIN_M tokens up, dense tiles (sparse24.cpp: each thread
+# decompresses a panel of rows, K chunk by K chunk, for a bf16 micro-kernel of ours, tiles of 32 tokens); below,
+# the packed GEMV. GEMV time over tiles time (1 thread, Zen 5, weights cycled past L3, the two paths
+# interleaved; shapes 2048x8192, 3072x2048, 960x576, 16384x2048), with the GEMV's software prefetch:
 # M = 16: 0.94, 0.78, 0.92, 0.78; 20: 0.82, 0.82, 0.80, 0.66; 24: 0.89, 0.92, 0.90, 0.77; 28: 0.99, 0.93, 1.09;
-# 32: 1.11, 1.07, 1.23, 0.98. At 2 threads, 24: 0.88, 1.14, 1.05, 0.78; 32: 1.32, 1.48, 1.30, 0.99. At 2048 the
-# at::mm panels were ahead of the tiles (0.84-0.95x of vLLM's GEMM against 0.70-0.80x, two runs of
-# benchmarks/gemm.py). So the GEMV runs up to 27 tokens (from 28 the two are even at 1 thread).
+# 32: 1.11, 1.07, 1.23, 0.98. At 2 threads, 24: 0.88, 1.14, 1.05, 0.78; 32: 1.32, 1.48, 1.30, 0.99. So the GEMV
+# runs up to 27 tokens (from 28 the two are even at 1 thread).
 TILES_MIN_M = 28
-TILES_MAX_M = 512
+# The tiles have no upper bound since they decompress K chunk by K chunk and prefetch x: at 2048 tokens they
+# ran at 0.90-0.93x of vLLM's GEMM on 4096x14336, 2048x8192 and 576x576 (1 thread), where the `at::mm` panels
+# ran at 0.84-0.90x, and at 2 threads 1.01x of F.linear on 3072x2048 against the panels' 0.74x. A test lowers
+# it to force the panels, which bf16 runs on CPUs without AVX512_BF16.
+TILES_MAX_M = sys.maxsize
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
-# are decompressed for `at::mm` (bf16 above TILES_MAX_M too).
+# are decompressed for `at::mm`.
 SMALL_M_MAX = 64
 # Bytes of the dense panel each thread decompresses before its `at::mm` (the panels): 4 MiB measured best
 # among 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).

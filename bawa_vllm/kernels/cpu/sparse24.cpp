@@ -18,10 +18,10 @@
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
 // Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
-// rows of x, 4 rows of x per pass. From 28 to 512 tokens (bf16 on CPUs with AVX512_BF16): dense tiles, each
-// thread decompressing a panel of rows into a private buffer that a micro-kernel of ours runs on. Above 512
-// tokens, and for other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy
-// ever exists. kernels/cpu/__init__.py has the measured crossovers.
+// rows of x, 4 rows of x per pass. From 28 tokens up (bf16 on CPUs with AVX512_BF16): dense tiles, each
+// thread decompressing a panel of rows, K chunk by K chunk, into a private buffer that a micro-kernel of ours
+// runs on. Other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy ever
+// exists. kernels/cpu/__init__.py has the measured crossovers.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
@@ -394,35 +394,39 @@ inline void decompress_word16(const uint16_t* v, uint64_t meta, uint16_t* d) {
 }
 
 template <typename T>
-void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld) {
-  const int64_t full = K / kWord, width = K % kWord;
+void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld, int64_t i0 = 0,
+                      int64_t i1 = INT64_MAX) {
+  // Words [i0, i1) (and the tail when i1 reaches it) land at dst's column 0.
+  const int64_t full = K / kWord, width = K % kWord, end = std::min(i1, full);
   // Word by word, then row by row: that is the order the tiled layout stores them in, one contiguous stream
   // (row by row over all words walked 4 strided streams and stalled on nearly every load).
-  for (int64_t i = 0; i < full; ++i) {
+  for (int64_t i = i0; i < end; ++i) {
     prefetch_word(w, i + kDecompressPrefetchWords);
     for (int64_t r = 0; r < nr; ++r) {
       const T* v = w.v + i * w.v_word + r * w.v_row;
       const uint64_t m = load_meta8(w.m + i * w.m_word + r * w.m_row);
-      T* d = dst + r * ld + i * kWord;
+      T* d = dst + r * ld + (i - i0) * kWord;
       if constexpr (sizeof(T) == 2)
         decompress_word16(reinterpret_cast<const uint16_t*>(v), m, reinterpret_cast<uint16_t*>(d));
       else
         decompress_span<T>(v, m, kWord, d);
     }
   }
-  if (width)
+  if (width && i1 > full)
     for (int64_t r = 0; r < nr; ++r)
-      decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, dst + r * ld + full * kWord);
+      decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width,
+                         dst + r * ld + (full - i0) * kWord);
 }
 
-// Row groups [g0, g1) decompressed one under the other into dst (row stride ld); returns the rows written.
+// Row groups [g0, g1) decompressed one under the other into dst (row stride ld), words [i0, i1) of each;
+// returns the rows written.
 template <typename T>
 int64_t decompress_panel(const T* vals, const uint8_t* mk, int64_t N, int64_t K, int64_t g0, int64_t g1, T* dst,
-                         int64_t ld) {
+                         int64_t ld, int64_t i0 = 0, int64_t i1 = INT64_MAX) {
   int64_t rows = 0;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t nr = rows_in_group(N, g);
-    decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, dst + rows * ld, ld);
+    decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, dst + rows * ld, ld, i0, i1);
     rows += nr;
   }
   return rows;
@@ -458,7 +462,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- 28 to 512 tokens (bf16): dense tiles
+// ---------------------------------------------------------------- from 28 tokens (bf16): dense tiles
 // The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
 // and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
 // a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows
@@ -468,10 +472,11 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
 // (32 tokens) needs fewer loads and is the one used: TB = 1 (16 tokens) lost to the prefetching GEMV below 28
 // tokens, where it was meant to run. K is cut in chunks so that a tile's x stays in L1 while all rows of the
-// panel pass over it.
+// panel pass over it, and the panel is decompressed chunk by chunk so that it stays in L2 whatever K is.
 constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
-constexpr int64_t kTilePanelRows = 128;  // rows of W a thread decompresses at once
-constexpr int64_t kTileBlock = 8;        // tiles that share each K chunk of the panel
+constexpr int64_t kTilePanelRows = 256;  // rows of W a thread decompresses at once
+static_assert(2 * kTilePairs % kWord == 0, "a K chunk is whole words");
+constexpr int64_t kTileBlock = 64;       // tiles (2048 tokens) that share each decompressed chunk: c is 2 MiB
 
 // In-register transpose of a 16 x 16 block of 32-bit elements: r[i] holds row i on entry, column i on return.
 // 64 shuffles for 256 elements; the gathers it replaced cost a `vpgatherdd` per 16 elements, and the gathers
@@ -590,9 +595,10 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
   const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
   const int64_t panels = (groups + per_panel - 1) / per_panel;
   const int64_t cap = (per_panel * kNR + R - 1) / R * R;  // rows, padded for the kernel
-  // Row stride of the panel: K plus one cache line, so that the kernel's row streams do not fall in the same
-  // L1 sets when K * 2 bytes is a multiple of 4 KiB.
-  const int64_t ld = K + 32;
+  // Row stride of a decompressed chunk: its columns plus one cache line, so that the kernel's row streams do
+  // not fall in the same L1 sets.
+  const int64_t ld = 2 * kTilePairs + 32;
+  const int64_t block = std::min(tiles, kTileBlock);
   const auto* vals = values.data_ptr<c10::BFloat16>();
   const uint8_t* mk = meta.data_ptr<uint8_t>();
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
@@ -602,25 +608,35 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
     thread_local std::vector<c10::BFloat16> scratch;
     thread_local std::vector<float> c;
     if (static_cast<int64_t>(scratch.size()) < cap * ld) scratch.resize(cap * ld);
-    if (static_cast<int64_t>(c.size()) < kTileBlock * cap * T) c.resize(kTileBlock * cap * T);
+    if (static_cast<int64_t>(c.size()) < block * cap * T) c.resize(block * cap * T);
+    const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
-      const int64_t n0 = first_row(N, g0);
-      const int64_t rows = decompress_panel<c10::BFloat16>(vals, mk, N, K, g0, g1, scratch.data(), ld);
+      const int64_t n0 = first_row(N, g0), rows = first_row(N, g1 - 1) + rows_in_group(N, g1 - 1) - n0;
       const int64_t padded = (rows + R - 1) / R * R;
       std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
-      const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
-      // Per block of tiles, K chunk by K chunk: the panel's chunk (padded x kTilePairs pairs) stays in L2 for
-      // all tiles of the block, each tile's chunk of x in L1 for all rows.
-      for (int64_t b0 = 0; b0 < tiles; b0 += kTileBlock) {
-        const int64_t b1 = std::min(tiles, b0 + kTileBlock);
+      // Per block of tiles, K chunk by K chunk: the chunk's rows are decompressed into scratch (L2-sized
+      // whatever K is) and every tile of the block passes over them, its chunk of x in L1 for all rows.
+      // Decompressing the whole panel first put it out of L2 for K in the thousands (3.5 MiB at K = 14336),
+      // and each tile block then read it back from L3: 0.80x of vLLM's GEMM on Llama-3-8B's down_proj.
+      for (int64_t b0 = 0; b0 < tiles; b0 += block) {
+        const int64_t b1 = std::min(tiles, b0 + block);
         for (int64_t k0 = 0; k0 < P; k0 += kTilePairs) {
-          const int64_t pc = std::min(kTilePairs, P - k0);
+          const int64_t pc = std::min(kTilePairs, P - k0), i0 = 2 * k0 / kWord;
+          decompress_panel<c10::BFloat16>(vals, mk, N, K, g0, g1, scratch.data(), ld, i0, i0 + 2 * kTilePairs / kWord);
           for (int64_t t = b0; t < b1; ++t) {
             const uint32_t* xt = xvp + (t * P + k0) * T;
             float* ct = c.data() + (t - b0) * padded * T;
-            for (int64_t r0 = 0; r0 < padded; r0 += R)
-              tile_kernel<TB>(wp + r0 * ld + 2 * k0, ld, xt, pc, ct + r0 * T, k0 == 0);
+            // The next tile's chunk of x is fetched into L2 while this one computes, a slice per row strip:
+            // at 2048 tokens x (56 MiB at K = 14336) comes from DRAM, and each tile's first strip stalled on it.
+            const int64_t tn = t + 1 < b1 ? t + 1 : b0, kn = t + 1 < b1 ? k0 : k0 + kTilePairs;
+            const char* xn = reinterpret_cast<const char*>(xvp + (tn * P + kn) * T);
+            const int64_t lines = kn < P ? std::min(kTilePairs, P - kn) * T * 4 / 64 : 0;
+            const int64_t per_strip = (lines + padded / R - 1) / (padded / R);
+            for (int64_t r0 = 0, l = 0; r0 < padded; r0 += R) {
+              for (const int64_t l1 = std::min(lines, l + per_strip); l < l1; ++l) _mm_prefetch(xn + 64 * l, _MM_HINT_T1);
+              tile_kernel<TB>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
+            }
           }
         }
         for (int64_t t = b0; t < b1; ++t)
