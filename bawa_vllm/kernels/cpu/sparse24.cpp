@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -698,11 +699,12 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
 }
 
 // ---------------------------------------------------------------- the op's CPU kernel
-// The crossovers above, set once from kernels/cpu/__init__.py (the one place they are measured and written).
+// The crossovers above, set at load from kernels/cpu/__init__.py (the one place they are measured and
+// written; no defaults here to drift from them).
 struct Dispatch {
-  int64_t small_m_max = 64, panel_bytes = 4 << 20, tiles_min_m = 28, tiles_max_m = 512;
+  int64_t small_m_max, panel_bytes, tiles_min_m, tiles_max_m;
 };
-Dispatch g_dispatch;
+std::optional<Dispatch> g_dispatch;
 
 void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m) {
   g_dispatch = Dispatch{small_m_max, panel_bytes, tiles_min_m, tiles_max_m};
@@ -719,7 +721,8 @@ void set_python_body(py::function body) {
 // `bawa_sparse::linear` for CPU tensors, registered with the dispatcher when this library loads. Why in C++:
 // the op's Python body cost about 7 us more a call under inference mode (dispatch into Python, the reshape,
 // the backend lookup), several percent of a small projection at one token; here it is one C++ call.
-// Codes as in kernels/__init__.py: 0 the dense fallback (F.linear on the rebuilt weight), 1 this kernel; any
+// Codes as in kernels/__init__.py: 0 the dense fallback (F.linear on the rebuilt weight; here too, so that an
+// A/B run with BAWA_SPARSE_BACKEND=dense pays the same per call as the kernel), 1 this kernel; any
 // other (Triton's interpreter runs its kernels on CPU tensors) goes back to the Python body.
 torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& meta,
                         const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t backend,
@@ -730,7 +733,9 @@ torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, con
   const torch::Tensor x2 = x.reshape({-1, x.size(-1)});
   torch::Tensor y;
   if (backend == 1) {
-    const Dispatch d = g_dispatch;
+    TORCH_CHECK(g_dispatch.has_value(), "bawa_sparse::linear: the CPU kernel's crossovers are not set (load it "
+                "with bawa_vllm.kernels.cpu.load)");
+    const Dispatch d = *g_dispatch;
     y = linear(x2, values, meta, bias, d.small_m_max, d.panel_bytes, d.tiles_min_m, d.tiles_max_m);
   } else if (backend == 0) {
     y = at::linear(x2, values, bias);
@@ -761,15 +766,11 @@ int64_t parallel_threads() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x W^T (+ bias) for a 2:4 W in the tiled layout (small M: packed GEMV; large M: dense tiles or panels)",
-        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"),
-        py::call_guard<py::gil_scoped_release>());
   m.def("retile_", &retile_, "validate position nibbles and tile (values, meta) rows in place; [] or [row, group] of a bad nibble",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_python_body", &set_python_body, "the op's Python body, for the backend codes the C++ kernel does not run");
   m.def("set_dispatch", &set_dispatch, "the crossovers of the op's CPU kernel (kernels/cpu/__init__.py)",
         py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"));
-  m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
   m.def("parallel_threads", &parallel_threads, py::call_guard<py::gil_scoped_release>());
 }
 
