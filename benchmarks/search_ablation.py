@@ -9,6 +9,8 @@ Variants (``--variants``, default the first four):
   the initial Θ as far as the block loss on held-out windows says);
 - ``coarse+line-all``: the same, the line stage scored on all calibration windows (``--search-holdout 0``),
   taking the lowest mean; ``coarse+line-all-guard``: the same with the default guard;
+- ``coarse+line-block-target``: the default with the block loss against the dense block on the pruned inputs
+  (``--search-target block``) rather than the dense model's output of the block;
 - ``coarse+line+zo``: the default, then the paper's zeroth-order steps (2 epochs, lr 0.2, model target);
 - ``zo-only``: the zeroth-order steps alone from the initial Θ (the search before this issue).
 
@@ -55,10 +57,14 @@ VARIANTS = {  # label -> (method, search settings or None for no search)
     # the line stage leaves the coarse Θ only where the held-out windows agree, one by one (2 standard errors):
     # the same settings as "coarse+line" since it became the default; the label its ablation was measured under
     "coarse+line-guard": ("bawa", {"line_guard": 2.0}),
+    # the default search with the block loss against the dense block on the pruned inputs (--search-target
+    # block) instead of the dense model's block output
+    "coarse+line-block-target": ("bawa", {}),
     "coarse+line+zo": ("bawa", {"epochs": 2}),
     "zo-only": ("bawa", {"epochs": 2, "coarse_evals": 0}),
 }
 DEFAULT_VARIANTS = ["wanda", "no-search", "coarse", "coarse+line"]
+LOSS_TARGET = {"coarse+line-block-target": "block"}  # other variants: ExportConfig's default ("model")
 
 
 def cpu_seconds() -> float:
@@ -76,7 +82,8 @@ def run_variant(args, spec: str, seed: int, label: str, windows) -> dict:
     method_name, search = VARIANTS[label]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         cfg = ExportConfig(model=args.model, out=f"{tmp}/m", pattern=SparsityPattern.parse(spec), calib=args.calib,
-                           nsamples=args.nsamples, seqlen=args.seqlen, seed=seed, format="dense")
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=seed, format="dense",
+                           **({"loss_target": LOSS_TARGET[label]} if label in LOSS_TARGET else {}))
         method = make_method(method_name, None if search is None else SearchConfig(seed=seed, **search))
         t0, c0 = time.time(), cpu_seconds()
         report = prune_checkpoint(cfg, method)
