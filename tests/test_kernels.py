@@ -135,10 +135,10 @@ def test_opcheck_and_fullgraph_compile():
     assert compiled(torch.randn(9, 64).bfloat16()).shape == (9, 32)
 
 
-def test_cpu_tensors_run_the_ops_cpp_kernel_for_both_cpu_codes():
+def test_cpu_tensors_run_the_ops_cpp_kernel_and_hand_other_codes_back():
     """The kernel's library registers the op's CPU implementation in C++ (no Python per decode call); it
-    must serve the cpu layout and the dense fallback's layout alike, with leading dims, and hand other codes
-    back to the Python body (there, an unknown code is refused by name)."""
+    serves the cpu layout, with leading dims, and hands other codes back to the Python body: the dense
+    fallback's layout gives F.linear's answer there, and an unknown code is refused by name."""
     cpu.load()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("bawa_sparse::linear", "CPU")
     w = _weight(24, 40, torch.bfloat16)

@@ -155,8 +155,8 @@ def python_body(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     The op's Python body: the GPU backends, and the dense fallback until the CPU kernel is loaded. For CPU
     tensors the CPU kernel's library registers a C++ implementation of the op (``sparse24.cpp``,
     ``op_linear``) that the dispatcher prefers, so a ``cpu`` layer pays no Python per decode call; it runs
-    the ``cpu`` and ``dense`` codes itself and hands any other code (Triton's interpreter on CPU tensors)
-    back to this function."""
+    the ``cpu`` code itself and hands any other code (the dense fallback, Triton's interpreter on CPU
+    tensors) back to this function."""
     if backend == CPU:  # its kernel is C++ only: here only if CPU code meets tensors of another device
         raise RuntimeError(f"bawa_sparse::linear: the cpu backend runs on CPU tensors only, got {x.device}")
     x2 = x.reshape(-1, x.shape[-1])

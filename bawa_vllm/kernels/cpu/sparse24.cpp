@@ -721,29 +721,23 @@ void set_python_body(py::function body) {
 // `bawa_sparse::linear` for CPU tensors, registered with the dispatcher when this library loads. Why in C++:
 // the op's Python body cost about 7 us more a call under inference mode (dispatch into Python, the reshape,
 // the backend lookup), several percent of a small projection at one token; here it is one C++ call.
-// Codes as in kernels/__init__.py: 0 the dense fallback (F.linear on the rebuilt weight; here too, so that an
-// A/B run with BAWA_SPARSE_BACKEND=dense pays the same per call as the kernel), 1 this kernel; any
-// other (Triton's interpreter runs its kernels on CPU tensors) goes back to the Python body.
+// Codes as in kernels/__init__.py: 1 is this kernel; any other goes back to the Python body (Triton's
+// interpreter runs its kernels on CPU tensors; the dense fallback is F.linear there, and a served dense CPU
+// layer does not call this op at all: the plugin hands it to vLLM's own GEMM).
 torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& meta,
                         const c10::optional<torch::Tensor>& bias, int64_t out_features, int64_t backend,
                         const c10::optional<torch::Tensor>& aux, int64_t aux_min_m) {
-  (void)aux;
-  (void)aux_min_m;
-  TORCH_CHECK(x.dim() >= 1, "bawa_sparse::linear: x must have a feature dimension");
-  const torch::Tensor x2 = x.reshape({-1, x.size(-1)});
-  torch::Tensor y;
-  if (backend == 1) {
-    TORCH_CHECK(g_dispatch.has_value(), "bawa_sparse::linear: the CPU kernel's crossovers are not set (load it "
-                "with bawa_vllm.kernels.cpu.load)");
-    const Dispatch d = *g_dispatch;
-    y = linear(x2, values, meta, bias, d.small_m_max, d.panel_bytes, d.tiles_min_m, d.tiles_max_m);
-  } else if (backend == 0) {
-    y = at::linear(x2, values, bias);
-  } else {
+  if (backend != 1) {
     TORCH_CHECK(g_python_body != nullptr, "bawa_sparse::linear: backend ", backend, " has no CPU implementation");
     py::gil_scoped_acquire gil;
     return (*g_python_body)(x, values, meta, bias, out_features, backend, aux, aux_min_m).cast<torch::Tensor>();
   }
+  TORCH_CHECK(x.dim() >= 1, "bawa_sparse::linear: x must have a feature dimension");
+  TORCH_CHECK(g_dispatch.has_value(), "bawa_sparse::linear: the CPU kernel's crossovers are not set (load it "
+              "with bawa_vllm.kernels.cpu.load)");
+  const Dispatch d = *g_dispatch;
+  const torch::Tensor y = linear(x.reshape({-1, x.size(-1)}), values, meta, bias, d.small_m_max, d.panel_bytes,
+                                 d.tiles_min_m, d.tiles_max_m);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);
