@@ -132,7 +132,8 @@ def run(args) -> dict:
             variants = {v[0]: v for v in VARIANTS}
             for label in args.methods or list(variants):  # in the order given: the first ones matter most
                 _, method, search, recon = variants[label]
-                if seed != args.seed and label not in args.seed_methods:
+                # a merge reports every method's seeds the sources hold, whatever --seed-methods says
+                if seed != args.seed and label not in args.seed_methods and not args.report_only:
                     continue
                 if args.report_only and (label, spec, seed) not in done:
                     continue

@@ -26,10 +26,14 @@ def test_a_second_run_with_other_rows_keeps_the_first_runs_rows(tmp_path, llama_
     quality.main(common + ["--sparsities", "0.5", "--methods", "wanda"])
     again = json.loads((tmp_path / "q" / "quality.json").read_text())["rows"]
     assert next(r for r in again if r["method"] == "wanda") == first and len(again) == 3
-    # --report-only without --sparsities reports every pattern the results hold, not only the default three
-    quality.main(common + ["--sparsities", "0.6", "--methods", "magnitude"])
+    # --report-only without --sparsities reports every pattern and seed the results hold, not only the default
+    # three patterns, nor only the seeds of the default --seed-methods
+    quality.main(common + ["--sparsities", "0.6", "--methods", "magnitude", "--extra-seeds", "1",
+                           "--seed-methods", "magnitude", "--seed-sparsities", "0.6"])
     held = json.loads((tmp_path / "q" / "quality.json").read_text())["rows"]
     quality.main(common[:-4] + ["--out", str(tmp_path / "merged"), "--reuse", str(tmp_path / "q"), "--report-only"])
     merged = json.loads((tmp_path / "merged" / "quality.json").read_text())["rows"]
-    assert sorted((r["method"], r["sparsity"]) for r in merged) == sorted((r["method"], r["sparsity"]) for r in held)
-    assert ("magnitude", "0.6") in {(r["method"], r["sparsity"]) for r in merged}
+    def keys(rows):
+        return sorted((r["method"], r["sparsity"], r.get("seed", 0)) for r in rows)
+    assert keys(merged) == keys(held)
+    assert ("magnitude", "0.6", 1) in keys(merged)
