@@ -55,8 +55,7 @@ TILES_MIN_M = 28
 # The tiles have no upper bound since they decompress K chunk by K chunk and prefetch x: at 2048 tokens they
 # ran at 0.90-0.93x of vLLM's GEMM on 4096x14336, 2048x8192 and 576x576 (1 thread), where the `at::mm` panels
 # ran at 0.85x and 0.90x on the first two, and at 2 threads 1.01x of F.linear on 3072x2048 against the panels'
-# 0.74x (one run each). A test lowers
-# it to force the panels, which bf16 runs on CPUs without AVX512_BF16.
+# 0.74x (one run each). A test lowers it to force the panels, which bf16 runs on CPUs without AVX512_BF16.
 TILES_MAX_M = sys.maxsize
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
 # are decompressed for `at::mm`.
