@@ -136,7 +136,8 @@ Rows<T> rows_of(const T* values, const uint8_t* meta, int64_t N, int64_t K, int6
 // the stream behind in the outer caches (our guess at why it is faster). Against `_MM_HINT_T0`, bf16, the two
 // interleaved in one run on five 1B/8B shapes (weights cycled past L3): vLLM's GEMM time over ours at M = 1
 // went 1.45-1.74x -> 1.50-1.99x at 1 thread, and NTA was ahead in all 20 cells of M = 1, 2 at 1 and 2 threads.
-// The panel decompression keeps T0, which it was measured with.
+// The fp32 GEMV streams the same way and takes the same hint, not measured separately. The panel decompression
+// keeps T0, which it was measured with.
 template <int Hint = _MM_HINT_T0, typename T>
 inline void prefetch_word(const Rows<T>& w, int64_t i) {
   const char* pv = reinterpret_cast<const char*>(w.v + i * w.v_word);
