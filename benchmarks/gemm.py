@@ -124,7 +124,8 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
         (" sparse vs vLLM dispatch |" if has_vllm else "")
     lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}; ratio = other time / sparse time "
              "(> 1: the packed 2:4 op is faster). vLLM's dispatch is timed at one thread only: its OpenMP runtime "
-             "does not follow torch.set_num_threads outside a vLLM server.", "", head, "|" + "---|" * (head.count("|") - 1)]
+             "does not follow torch.set_num_threads outside a vLLM server."
+             + (f" bf16 prefill: {meta['cpu_prefill']}." if "cpu_prefill" in meta else ""), "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['threads']} | {r['dense_ms']:.3f} | "
                 f"{r['sparse_ms']:.3f} | {r['sparse_vs_dense']:.2f}x |")
@@ -174,8 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         rows = measure(args, threads, dtype, device, with_vllm)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
-    write_report(rows, args.out, {"device": dev, "dtype": args.dtype, "torch": torch.__version__,
-                                  "cache_mb": args.cache_mb, "inference_mode": True})
+    meta = {"device": dev, "dtype": args.dtype, "torch": torch.__version__, "cache_mb": args.cache_mb,
+            "inference_mode": True}
+    if device.type == "cpu":  # which GEMM the bf16 prefill range ran on (tiles, or oneDNN panels on AMX CPUs)
+        from bawa_vllm.kernels import cpu
+
+        path, why = cpu.prefill_path()
+        meta["cpu_prefill"] = f"{path} from {cpu.TILES_MIN_M} tokens ({why})"
+    write_report(rows, args.out, meta)
 
 
 def measure(args, threads: list[int], dtype: torch.dtype, device: torch.device, with_vllm: bool) -> list[dict]:

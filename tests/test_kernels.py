@@ -226,3 +226,50 @@ def test_kernel_runs_on_torchs_thread_pool():
         assert cpu.load().parallel_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+AMX = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"]
+
+
+def test_prefill_path_follows_amx_and_env(monkeypatch):
+    monkeypatch.delenv("BAWA_CPU_PREFILL", raising=False)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)
+    assert cpu.prefill_path()[0] == "onednn"
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:5])
+    assert cpu.prefill_path()[0] == "tiles"
+    monkeypatch.setenv("BAWA_CPU_PREFILL", "onednn")
+    assert cpu.prefill_path() == ("onednn", "BAWA_CPU_PREFILL")
+    monkeypatch.setenv("BAWA_CPU_PREFILL", "amx")
+    with pytest.raises(ValueError, match="BAWA_CPU_PREFILL='amx'"):
+        cpu.prefill_path()
+
+
+def _mm_calls(fn) -> int:
+    """How many aten::mm calls (the panels' oneDNN GEMM) running fn made."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::mm_out"))
+
+
+def test_amx_sends_bf16_tile_range_to_onednn_panels(monkeypatch, caplog):
+    """On a CPU with AMX-BF16 (simulated) the bf16 range of the tiles runs the `at::mm` panels instead (oneDNN uses
+    AMX there), gives the same answer, and the choice is logged; below the range the GEMV is unchanged."""
+    w = _weight(96, 520, torch.bfloat16)
+    packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
+    x = torch.randn(cpu.TILES_MIN_M + 4, 520).bfloat16()
+    monkeypatch.delenv("BAWA_CPU_PREFILL", raising=False)
+    tiles = packed(x)
+    assert _mm_calls(lambda: packed(x)) == 0
+    try:
+        monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)
+        with caplog.at_level(logging.INFO, logger=cpu.__name__):
+            cpu.apply_dispatch()
+        onednn = packed(x)
+        assert _mm_calls(lambda: packed(x)) > 0
+        assert _mm_calls(lambda: packed(x[:4])) == 0
+    finally:
+        monkeypatch.undo()
+        cpu.apply_dispatch()
+    assert "oneDNN" in caplog.text and "AMX-BF16" in caplog.text
+    _check(onednn, x, w, None)
+    torch.testing.assert_close(tiles.float(), onednn.float(), rtol=2 ** -7, atol=2 ** -7)

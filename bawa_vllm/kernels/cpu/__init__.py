@@ -63,6 +63,12 @@ SMALL_M_MAX = 64
 # Bytes of the dense panel each thread decompresses before its `at::mm` (the panels): 4 MiB measured best
 # among 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
 PANEL_BYTES = 4 << 20
+# Which GEMM runs the bf16 range from TILES_MIN_M up: "tiles" (our AVX-512 micro-kernel) or "onednn" (the panels,
+# whose `at::mm` is oneDNN's). On CPUs with AMX-BF16 (Xeon Sapphire Rapids and later) oneDNN runs bf16 GEMMs on
+# AMX tiles, and so does vLLM's dense GEMM, with several times the multiply throughput of the `vdpbf16ps` our
+# tiles are built on; there the panels hand the compute to AMX too. Not measured: no machine of this project's
+# has AMX (every figure here is from AMD Zen 5). `BAWA_CPU_PREFILL=tiles|onednn` overrides the choice (A/B).
+PREFILL_PATHS = ("tiles", "onednn")
 
 _module: ModuleType | None = None
 _error: str | None = None
@@ -78,17 +84,36 @@ def _build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _cpu_flags() -> list[str]:
+    """The CPU's features as /proc/cpuinfo names them; raises OSError where it cannot be read."""
+    return next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags")), [])
+
+
 def _cpu_reason() -> str | None:
     """Why this CPU cannot run the kernel, or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"{platform.machine()} is not x86-64"
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
+        flags = _cpu_flags()
     except OSError as err:
         return f"cannot read the CPU's features ({err})"
     missing = [f for f in _CPU_FLAGS if f not in flags]
     return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def prefill_path() -> tuple[str, str]:
+    """(path, why) for bf16 from TILES_MIN_M tokens: see PREFILL_PATHS."""
+    name = os.environ.get("BAWA_CPU_PREFILL", "").strip().lower()
+    if name:
+        if name not in PREFILL_PATHS:
+            raise ValueError(f"BAWA_CPU_PREFILL={name!r}: choose one of {', '.join(PREFILL_PATHS)}")
+        return name, "BAWA_CPU_PREFILL"
+    try:
+        amx = "amx_bf16" in _cpu_flags()
+    except OSError:
+        amx = False
+    return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if amx else ("tiles", "no AMX-BF16")
 
 
 def load() -> ModuleType:
@@ -166,4 +191,13 @@ def prepare(values: torch.Tensor, meta: torch.Tensor, n: int):
 def apply_dispatch() -> None:
     """Hand this module's crossovers to the kernel, whose C++ implementation of the op reads them (done at
     load; again after changing them, e.g. to force a path in a test)."""
-    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M)
+    path, why = prefill_path()
+    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M, path == "onednn")
+    global _logged_prefill
+    if _logged_prefill != (path, why):
+        _logged_prefill = (path, why)
+        logger.info("bawa-sparse: bf16 from %d tokens runs on %s (%s)", TILES_MIN_M,
+                    "oneDNN on decompressed panels" if path == "onednn" else "our AVX-512 tiles", why)
+
+
+_logged_prefill: tuple[str, str] | None = None

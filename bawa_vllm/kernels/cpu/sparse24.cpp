@@ -674,8 +674,10 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
 }
 
 // ---------------------------------------------------------------- entry point
+// tiles_onednn: the bf16 tile range runs the `at::mm` panels instead (kernels/cpu/__init__.py, PREFILL_PATHS).
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m,
+                     bool tiles_onednn) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -692,7 +694,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
   if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (tiles) dense_tiles<2>(x2, values, meta, y);
+    if (tiles && !tiles_onednn) dense_tiles<2>(x2, values, meta, y);
     else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
@@ -729,11 +731,13 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
 // written; no defaults here to drift from them).
 struct Dispatch {
   int64_t small_m_max, panel_bytes, tiles_min_m, tiles_max_m;
+  bool tiles_onednn;
 };
 std::optional<Dispatch> g_dispatch;
 
-void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m) {
-  g_dispatch = Dispatch{small_m_max, panel_bytes, tiles_min_m, tiles_max_m};
+void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m,
+                  bool tiles_onednn) {
+  g_dispatch = Dispatch{small_m_max, panel_bytes, tiles_min_m, tiles_max_m, tiles_onednn};
 }
 
 // The op's Python body (kernels/__init__.py, python_body), for backend codes this file does not run. Set once
@@ -763,7 +767,7 @@ torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, con
               "with bawa_vllm.kernels.cpu.load)");
   const Dispatch d = *g_dispatch;
   const torch::Tensor y = linear(x.reshape({-1, x.size(-1)}), values, meta, bias, d.small_m_max, d.panel_bytes,
-                                 d.tiles_min_m, d.tiles_max_m);
+                                 d.tiles_min_m, d.tiles_max_m, d.tiles_onednn);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);
@@ -790,7 +794,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_python_body", &set_python_body, "the op's Python body, for the backend codes the C++ kernel does not run");
   m.def("set_dispatch", &set_dispatch, "the crossovers of the op's CPU kernel (kernels/cpu/__init__.py)",
-        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"));
+        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"),
+        py::arg("tiles_onednn"));
   m.def("parallel_threads", &parallel_threads, py::call_guard<py::gil_scoped_release>());
 }
 
