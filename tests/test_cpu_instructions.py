@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import cpu_instructions  # noqa: E402
 
+
 def _why_not() -> str | None:
     if shutil.which("g++") is None:
         return "needs g++"
