@@ -6,7 +6,7 @@ values, 8 metadata bytes), so that the kernel, which works on 4 rows at once, st
 values and one of metadata. For a few tokens the kernel gathers x to the kept values (``vpmultishiftqb`` +
 ``vpermt2w``) rather than expanding the weights; from ``TILES_MIN_M`` tokens (bf16) each thread decompresses a
 panel of rows into a buffer it keeps between calls and runs a bf16 micro-kernel of ours on it; the C++ file says
-why.
+why. On CPUs with AMX-BF16 that range goes to oneDNN instead (``PREFILL_PATHS``).
 
 Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
 (``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a

@@ -21,7 +21,8 @@
 // rows of x, 4 rows of x per pass. From 28 tokens up (bf16 on CPUs with AVX512_BF16): dense tiles, each
 // thread decompressing a panel of rows, K chunk by K chunk, into a private buffer that a micro-kernel of ours
 // runs on. Other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy ever
-// exists. kernels/cpu/__init__.py has the measured crossovers.
+// exists. kernels/cpu/__init__.py has the measured crossovers, and sends the tiles' range to the panels on CPUs
+// with AMX-BF16, where oneDNN's GEMM runs on AMX.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
