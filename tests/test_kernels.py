@@ -242,6 +242,12 @@ def test_prefill_path_follows_amx_and_env(monkeypatch):
     monkeypatch.setenv("BAWA_CPU_PREFILL", "amx")
     with pytest.raises(ValueError, match="BAWA_CPU_PREFILL='amx'"):
         cpu.prefill_path()
+    # at the first load, a bad value is an error of its own, not a failed build that falls back to dense
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    with pytest.raises(ValueError, match="BAWA_CPU_PREFILL='amx'"):
+        cpu.load()
+    assert cpu._error is None and cpu._module is None
 
 
 def _mm_calls(fn) -> int:

@@ -117,12 +117,14 @@ def prefill_path() -> tuple[str, str]:
 
 
 def load() -> ModuleType:
-    """The compiled extension, built at first use; raises RuntimeError naming why it cannot be had."""
+    """The compiled extension, built at first use; raises RuntimeError naming why it cannot be had (and
+    ValueError for a bad ``BAWA_CPU_PREFILL``: the user's setting, not a reason to fall back to dense)."""
     global _module, _error
     if _module is not None:
         return _module
     if _error is not None:
         raise RuntimeError(_error)
+    prefill_path()
     try:
         _module = _build()
         from .. import python_body
