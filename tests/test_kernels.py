@@ -237,6 +237,8 @@ def test_prefill_path_follows_amx_and_env(monkeypatch):
     assert cpu.prefill_path()[0] == "onednn"
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:5])
     assert cpu.prefill_path()[0] == "tiles"
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:4])  # no AVX512_BF16: the kernel's panels, as it does itself
+    assert cpu.prefill_path() == ("onednn", "the CPU lacks AVX512_BF16, which the tiles need")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "onednn")
     assert cpu.prefill_path() == ("onednn", "BAWA_CPU_PREFILL")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "amx")

@@ -103,17 +103,20 @@ def _cpu_reason() -> str | None:
 
 
 def prefill_path() -> tuple[str, str]:
-    """(path, why) for bf16 from TILES_MIN_M tokens: see PREFILL_PATHS."""
+    """(path, why) for bf16 from TILES_MIN_M tokens (from SMALL_M_MAX + 1 on CPUs without AVX512_BF16); see
+    PREFILL_PATHS."""
     name = os.environ.get("BAWA_CPU_PREFILL", "").strip().lower()
     if name:
         if name not in PREFILL_PATHS:
             raise ValueError(f"BAWA_CPU_PREFILL={name!r}: choose one of {', '.join(PREFILL_PATHS)}")
         return name, "BAWA_CPU_PREFILL"
     try:
-        amx = "amx_bf16" in _cpu_flags()
+        flags = _cpu_flags()
     except OSError:
-        amx = False
-    return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if amx else ("tiles", "no AMX-BF16")
+        flags = []
+    if "avx512_bf16" not in flags:  # the kernel checks this itself too: no tiles without vdpbf16ps
+        return "onednn", "the CPU lacks AVX512_BF16, which the tiles need"
+    return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if "amx_bf16" in flags else ("tiles", "no AMX-BF16")
 
 
 def load() -> ModuleType:
@@ -198,7 +201,8 @@ def apply_dispatch() -> None:
     global _logged_prefill
     if _logged_prefill != (path, why):
         _logged_prefill = (path, why)
-        logger.info("bawa-sparse: bf16 from %d tokens runs on %s (%s)", TILES_MIN_M,
+        first = TILES_MIN_M if "AVX512_BF16" not in why else SMALL_M_MAX + 1
+        logger.info("bawa-sparse: bf16 from %d tokens runs on %s (%s)", first,
                     "oneDNN on decompressed panels" if path == "onednn" else "our AVX-512 tiles", why)
 
 
