@@ -27,8 +27,12 @@ import json
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bawa_vllm.kernels import cpu  # noqa: E402
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-instructions"))
     args = ap.parse_args(argv)
-    if "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
+    if "avx512_bf16" not in cpu._cpu_flags():
         raise SystemExit("cpu_instructions: this CPU has no AVX512_BF16")
     ns = measure()
     rows = [{"sequence": name, "ns_per_32_kept": v, "vs_dense": v / ns["dense"]} for name, v in ns.items()]

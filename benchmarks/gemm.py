@@ -125,7 +125,7 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
     lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}; ratio = other time / sparse time "
              "(> 1: the packed 2:4 op is faster). vLLM's dispatch is timed at one thread only: its OpenMP runtime "
              "does not follow torch.set_num_threads outside a vLLM server."
-             + (f" bf16 prefill: {meta['cpu_prefill']}." if "cpu_prefill" in meta else ""), "", head, "|" + "---|" * (head.count("|") - 1)]
+             + (f" {meta['cpu_prefill']}." if "cpu_prefill" in meta else ""), "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['threads']} | {r['dense_ms']:.3f} | "
                 f"{r['sparse_ms']:.3f} | {r['sparse_vs_dense']:.2f}x |")
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":  # which GEMM the bf16 prefill range ran on (tiles, or oneDNN panels on AMX CPUs)
         from bawa_vllm.kernels import cpu
 
-        path, why = cpu.prefill_path()
-        meta["cpu_prefill"] = f"{path} from {cpu.TILES_MIN_M} tokens ({why})"
+        meta["cpu_prefill"] = cpu.prefill_summary(*cpu.prefill_path())
     write_report(rows, args.out, meta)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bawa_vllm.kernels import cpu
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import cpu_instructions  # noqa: E402
 
@@ -18,10 +20,10 @@ def _why_not() -> str | None:
     if shutil.which("g++") is None:
         return "needs g++"
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        flags = cpu._cpu_flags()
     except OSError:
         return "cannot read /proc/cpuinfo"
-    return None if "avx512_bf16" in info else "needs a CPU with AVX512_BF16"
+    return None if "avx512_bf16" in flags else "needs a CPU with AVX512_BF16"
 
 
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))

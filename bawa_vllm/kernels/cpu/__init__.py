@@ -102,6 +102,9 @@ def _cpu_reason() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
+_NO_BF16 = "the CPU lacks AVX512_BF16, which the tiles need"
+
+
 def prefill_path() -> tuple[str, str]:
     """(path, why) for bf16 from TILES_MIN_M tokens (from SMALL_M_MAX + 1 on CPUs without AVX512_BF16); see
     PREFILL_PATHS."""
@@ -115,8 +118,15 @@ def prefill_path() -> tuple[str, str]:
     except OSError:
         flags = []
     if "avx512_bf16" not in flags:  # the kernel checks this itself too: no tiles without vdpbf16ps
-        return "onednn", "the CPU lacks AVX512_BF16, which the tiles need"
+        return "onednn", _NO_BF16
     return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if "amx_bf16" in flags else ("tiles", "no AMX-BF16")
+
+
+def prefill_summary(path: str, why: str) -> str:
+    """What runs bf16 prefill, from which token count, and why (the load log line; gemm.py's report)."""
+    first = SMALL_M_MAX + 1 if why == _NO_BF16 else TILES_MIN_M
+    engine = "oneDNN on decompressed panels" if path == "onednn" else "our AVX-512 tiles"
+    return f"bf16 from {first} tokens runs on {engine} ({why})"
 
 
 def load() -> ModuleType:
@@ -201,9 +211,7 @@ def apply_dispatch() -> None:
     global _logged_prefill
     if _logged_prefill != (path, why):
         _logged_prefill = (path, why)
-        first = TILES_MIN_M if "AVX512_BF16" not in why else SMALL_M_MAX + 1
-        logger.info("bawa-sparse: bf16 from %d tokens runs on %s (%s)", first,
-                    "oneDNN on decompressed panels" if path == "onednn" else "our AVX-512 tiles", why)
+        logger.info("bawa-sparse: %s", prefill_summary(path, why))
 
 
 _logged_prefill: tuple[str, str] | None = None

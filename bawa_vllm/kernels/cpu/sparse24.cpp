@@ -403,18 +403,16 @@ inline void decompress_word16(const uint16_t* v, uint64_t meta, uint16_t* d) {
   _mm512_storeu_si512(d + 32, _mm512_maskz_permutexvar_epi16(_mm512_testn_epi16_mask(hi, zero), hi, vals));
 }
 
-// `ahead`: where to prefetch while decompressing word i, at word i + ahead_shift; without it, this group's own
-// word i + kDecompressPrefetchWords.
+// While decompressing word i it prefetches word i + ahead_shift of `ahead` (decompress_panel says which).
 template <typename T>
-void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld, int64_t i0 = 0,
-                      int64_t i1 = INT64_MAX, const Rows<T>* ahead = nullptr, int64_t ahead_shift = 0) {
+void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld, int64_t i0, int64_t i1,
+                      const Rows<T>& ahead, int64_t ahead_shift) {
   // Words [i0, i1) (and the tail when i1 reaches it) land at dst's column 0.
   const int64_t full = K / kWord, width = K % kWord, end = std::min(i1, full);
   // Word by word, then row by row: that is the order the tiled layout stores them in, one contiguous stream
   // (row by row over all words walked 4 strided streams and stalled on nearly every load).
   for (int64_t i = i0; i < end; ++i) {
-    if (ahead) prefetch_word(*ahead, i + ahead_shift);
-    else prefetch_word(w, i + kDecompressPrefetchWords);
+    prefetch_word(ahead, i + ahead_shift);
     for (int64_t r = 0; r < nr; ++r) {
       const T* v = w.v + i * w.v_word + r * w.v_row;
       const uint64_t m = load_meta8(w.m + i * w.m_word + r * w.m_row);
@@ -433,8 +431,9 @@ void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t l
 
 // Row groups [g0, g1) decompressed one under the other into dst (row stride ld), words [i0, i1) of each;
 // returns the rows written.
-// A chunk of words (i1 given) is only a few words per group, and the next group's words lie a row block
-// away, so a group's own stream ahead is the wrong thing to prefetch: each group prefetches the same words of
+// Whole rows (i1 not given): each group prefetches its own stream kDecompressPrefetchWords ahead. A chunk of
+// words (i1 given) is only a few words per group, and the next group's words lie a row block away, so a
+// group's own stream ahead is the wrong thing to prefetch: each group prefetches the same words of
 // the group kChunkPrefetchGroups further on, and the last groups those of the first groups' next chunk. Against
 // prefetching its own stream (1 thread, five 1B/8B shapes, the two interleaved in one run): vLLM's GEMM time
 // over ours at 32 tokens 0.78-0.85x -> 0.82-0.88x, at 128 0.89-0.93x -> 0.90-0.94x, 512 and 2048 level; at
@@ -449,11 +448,11 @@ int64_t decompress_panel(const T* vals, const uint8_t* mk, int64_t N, int64_t K,
     const int64_t nr = rows_in_group(N, g);
     const Rows<T> w = rows_of(vals, mk, N, K, g);
     if (i1 == INT64_MAX) {
-      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1);
+      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1, w, kDecompressPrefetchWords);
     } else {
       const int64_t ga = g + kChunkPrefetchGroups;
       const Rows<T> ahead = rows_of(vals, mk, N, K, ga < g1 ? ga : g0 + (ga - g1) % (g1 - g0));
-      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1, &ahead, ga < g1 ? 0 : i1 - i0);
+      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1, ahead, ga < g1 ? 0 : i1 - i0);
     }
     rows += nr;
   }
