@@ -1,7 +1,7 @@
 """Perplexity and export time of pruning methods side by side, in one run, on a given model and text.
 
-Rows: dense, magnitude, wanda, ria, sparsegpt, bawa --no-search, bawa (searched Θ), bawa+admm,
-bawa+awp (reconstruction on BaWA's masks) and awp (PGD onto the sparsity set from Wanda's masks), at
+Rows: dense, magnitude, wanda, ria, sparsegpt, bawa --no-search, bawa (searched Θ), bawa+admm (ADMM that
+re-selects BaWA's masks; ``--admm-reselect 0`` rows keep them fixed), bawa+awp (reconstruction on BaWA's masks) and awp (PGD onto the sparsity set from Wanda's masks), at
 each sparsity given (default 50 %, 2:4, 4:8), with the export wall time and CPU time of each (CPU time:
 this process's user + system seconds, which other jobs on a shared machine inflate less than wall
 time) and the bawa / wanda time ratio. ``--extra-seeds`` repeats ``--seed-methods`` at
@@ -32,22 +32,25 @@ from bawa_vllm.calibration import evaluation_windows, load_documents
 from bawa_vllm.evaluation import streamed_perplexity
 from bawa_vllm.pruning.engine import ExportConfig, prune_checkpoint
 from bawa_vllm.pruning.masks import SparsityPattern
-from bawa_vllm.pruning.methods import make_method
+from bawa_vllm.pruning.methods import ADMM_RESELECT, make_method
 from bawa_vllm.pruning.search import SearchConfig
 from bawa_vllm.pruning.structured import CLI_METHODS, prune_structured
 
-VARIANTS = [  # (label, method, search?, reconstruction)
-    ("magnitude", "magnitude", False, "none"),
-    ("wanda", "wanda", False, "none"),
-    ("ria", "ria", False, "none"),
-    ("sparsegpt", "sparsegpt", False, "none"),
-    ("bawa --no-search", "bawa", False, "none"),
-    ("bawa", "bawa", True, "none"),
-    ("bawa+admm", "bawa", True, "admm"),
+VARIANTS = [  # (label, method, search?, reconstruction, ADMM iterations that re-select the mask)
+    ("magnitude", "magnitude", False, "none", 0),
+    ("wanda", "wanda", False, "none", 0),
+    ("ria", "ria", False, "none", 0),
+    ("sparsegpt", "sparsegpt", False, "none", 0),
+    ("bawa --no-search", "bawa", False, "none", 0),
+    ("bawa", "bawa", True, "none", 0),
+    ("bawa+admm", "bawa", True, "admm", ADMM_RESELECT),
     # the same reconstruction on the unsearched mask: does a better BaWA mask make BaWA + ADMM better?
-    ("bawa --no-search+admm", "bawa", False, "admm"),
-    ("bawa+awp", "bawa", True, "awp"),
-    ("awp", "awp", False, "none"),
+    ("bawa --no-search+admm", "bawa", False, "admm", ADMM_RESELECT),
+    # ADMM on BaWA's masks as they are, never re-selected: what the re-selection adds
+    ("bawa+admm --admm-reselect 0", "bawa", True, "admm", 0),
+    ("bawa --no-search+admm --admm-reselect 0", "bawa", False, "admm", 0),
+    ("bawa+awp", "bawa", True, "awp", 0),
+    ("awp", "awp", False, "none", 0),
 ]
 
 
@@ -59,13 +62,15 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _export_and_eval(args, windows, label: str, method: str, search: bool, recon: str, spec: str, seed: int) -> dict:
+def _export_and_eval(args, windows, label: str, method: str, search: bool, recon: str, reselect: int, spec: str,
+                     seed: int) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         cfg = ExportConfig(model=args.model, out=str(Path(tmp) / "m"), pattern=SparsityPattern.parse(spec),
                            calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
                            device=args.device)
         t0, c0 = time.time(), cpu_seconds()
-        report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=seed) if search else None, recon))
+        report = prune_checkpoint(cfg, make_method(method, SearchConfig(seed=seed) if search else None, recon,
+                                                   reselect=reselect))
         seconds, cpu = time.time() - t0, cpu_seconds() - c0
         ppl = streamed_perplexity(cfg.out, windows, args.device, args.eval_dtype)
     row = {"method": label, "sparsity": spec, "seed": seed, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
@@ -131,14 +136,14 @@ def run(args) -> dict:
         for seed in seeds:
             variants = {v[0]: v for v in VARIANTS}
             for label in args.methods or list(variants):  # in the order given: the first ones matter most
-                _, method, search, recon = variants[label]
+                _, method, search, recon, reselect = variants[label]
                 # a merge reports every method's seeds the sources hold, whatever --seed-methods says
                 if seed != args.seed and label not in args.seed_methods and not args.report_only:
                     continue
                 if args.report_only and (label, spec, seed) not in done:
                     continue
                 row = done.get((label, spec, seed)) or _export_and_eval(args, windows, label, method, search, recon,
-                                                                        spec, seed)
+                                                                        reselect, spec, seed)
                 add(row)
                 logging.info("%s %s seed %d: ppl %.3f (%.1f s wall, %.1f s CPU)", label, spec, seed,
                              row["perplexity"], row["seconds"], row["cpu_seconds"])

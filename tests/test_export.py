@@ -186,11 +186,11 @@ def test_no_search_uses_initial_theta(tmp_path, llama_dir):
         assert all(layer["sparsity"] == pytest.approx(0.7, abs=0.02) for layer in b["layers"].values())
 
 
-@pytest.mark.slow  # fourteen exports
+@pytest.mark.slow  # sixteen exports
 @pytest.mark.parametrize("method,extra", [
     ("ria", []), ("sparsegpt", []), ("awp", []), ("awp", ["--awp-init", "bawa", "--no-search"]),
     ("wanda", ["--reconstruct", "admm"]), ("bawa", ["--reconstruct", "awp", "--no-search"]),
-    ("magnitude", ["--reconstruct", "admm"]),
+    ("magnitude", ["--reconstruct", "admm"]), ("bawa", ["--reconstruct", "admm", "--admm-reselect", "0"]),
 ])
 @pytest.mark.parametrize("spec", ["2:4", "0.6"])
 def test_reconstruction_methods_end_to_end(method, extra, spec, tmp_path, llama_dir):
@@ -221,6 +221,13 @@ def test_reconstruction_methods_end_to_end(method, extra, spec, tmp_path, llama_
         assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
     else:
         assert ((w == 0).sum(1) >= int(w.shape[1] * 0.6)).all()
+
+
+def test_negative_admm_reselect_refused(tmp_path, capsys, llama_dir):
+    assert export_main(["--model", str(llama_dir), "--out", str(tmp_path / "o"), "--method", "wanda",
+                        "--reconstruct", "admm", "--admm-reselect", "-1", "--calib", str(CALIB_TEXT)]) == 2
+    assert "--admm-reselect must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_reconstruct_refused_for_weight_updating_methods(tmp_path, capsys, llama_dir):

@@ -38,7 +38,8 @@ def test_reconstruction_closes_the_gap_to_the_optimum(spec, seed):
     masked = output_error(w, w * mask, gram)
     best = output_error(w, least_squares_on_mask(w, mask, gram), gram)
     assert best < 0.8 * masked
-    admm = admm_update(w, mask, gram)
+    admm, kept = admm_update(w, mask, gram)
+    assert torch.equal(kept, mask)  # no metric: the mask stays
     pgd, _ = awp_pgd(w, gram, x.shape[0], mask=mask)
     for result in (admm, pgd):
         assert output_error(w, result, gram) <= best + 0.1 * (masked - best)
@@ -48,7 +49,7 @@ def test_reconstruction_closes_the_gap_to_the_optimum(spec, seed):
 def test_all_ones_mask_returns_w():
     w, x, gram = _layer()
     ones = torch.ones_like(w, dtype=torch.bool)
-    assert torch.equal(admm_update(w, ones, gram), w)
+    assert torch.equal(admm_update(w, ones, gram)[0], w)
     assert torch.allclose(awp_pgd(w, gram, x.shape[0], mask=ones)[0], w)
 
 
@@ -100,7 +101,7 @@ def test_admm_and_pgd_agree_with_least_squares():
     exact = least_squares_on_mask(w, mask, gram)
     best = output_error(w, exact, gram)
     assert output_error(w, w * mask, gram) > 1.5 * best
-    admm = admm_update(w, mask, gram, iters=60, damp=0.0)
+    admm, _ = admm_update(w, mask, gram, iters=60, damp=0.0)
     pgd, _ = awp_pgd(w, gram, x.shape[0], mask=mask, iters=2000, tol=0.0)
     for result in (admm, pgd):
         assert output_error(w, result, gram) <= best * 1.01
@@ -116,3 +117,30 @@ def test_ria_bruteforce():
             col = sum(abs(float(w[k, j])) for k in range(3))
             row = sum(abs(float(w[i, k])) for k in range(4))
             assert s[i, j].item() == pytest.approx((a / col + a / row) * float(gram[j, j]) ** 0.25, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["0.7", "2:4"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_admm_reselection_moves_the_mask_and_beats_the_fixed_mask(spec, seed):
+    """Re-selecting by Wanda's metric of the iterate must end on a mask of the pattern, exactly sparse on it,
+    not the starting mask, and with a lower layer error than the optimum on the starting mask: the fixed-mask
+    ADMM cannot go below that optimum, so only a better mask can."""
+    w, _, gram = _layer(rows=16, cols=32, seed=seed)
+    pattern = SparsityPattern.parse(spec)
+    mask = _wanda_mask(w, gram, spec)
+    act = torch.diag(gram)
+    out, kept = admm_update(w, mask, gram, metric=lambda v: wanda_scores(v, act), pattern=pattern, reselect=15)
+    if pattern.is_nm:
+        assert (kept.reshape(16, -1, 4).sum(-1) == 2).all()
+    else:
+        assert (kept.sum(1) == 32 - int(32 * 0.7)).all()
+    assert bool(((out != 0) <= kept).all())
+    assert not torch.equal(kept, mask)
+    assert output_error(w, out, gram) < output_error(w, least_squares_on_mask(w, mask, gram), gram)
+
+
+def test_admm_reselect_needs_metric_and_pattern():
+    w, _, gram = _layer()
+    mask = _wanda_mask(w, gram, "0.5")
+    with pytest.raises(ValueError, match="metric"):
+        admm_update(w, mask, gram, pattern=SparsityPattern.parse("0.5"), reselect=5)

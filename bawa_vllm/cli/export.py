@@ -8,7 +8,7 @@ import logging
 
 from ..pruning.engine import ExportConfig, prune_checkpoint
 from ..pruning.masks import SparsityPattern
-from ..pruning.methods import METHODS, RECONSTRUCTIONS, make_method
+from ..pruning.methods import ADMM_RESELECT, METHODS, RECONSTRUCTIONS, make_method
 from ..pruning.search import SearchConfig, parse_theta_init
 from ..pruning.structured import CLI_METHODS, prune_structured
 from ._common import HelpFormatter, description, run_cli, setup_logging
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--awp-init", choices=("wanda", "bawa"), default="wanda", help="initial mask of --method awp")
     ap.add_argument("--recon-iters", type=int, default=None,
                     help="iterations of ADMM (default 20) or of AWP's PGD (default 200)")
+    ap.add_argument("--admm-reselect", type=int, default=ADMM_RESELECT,
+                    help="ADMM iterations that choose the mask again, by the method's own metric applied to the "
+                         "updated weights; 0 keeps the method's mask fixed")
     ap.add_argument("--calib", default=None, help=".txt / .jsonl(.gz) file, or a dataset name such as c4")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                               "seconds": report["seconds"]}))
             return
         report = prune_checkpoint(cfg, make_method(args.method, search, args.reconstruct, args.awp_init,
-                                                   args.recon_iters, theta_init=args.theta_init))
+                                                   args.recon_iters, theta_init=args.theta_init,
+                                                   reselect=args.admm_reselect))
         print(json.dumps({"out": cfg.out, "sparsity": report["sparsity"], "seconds": report["seconds"],
                           "peak_rss_mib": report["peak_rss_mib"]}))
 

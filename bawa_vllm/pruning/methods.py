@@ -19,6 +19,10 @@ from .reconstruction import admm_update, awp_pgd, sparsegpt
 from .search import (BAWA_INIT_THETA, MAGNITUDE_THETA, WANDA_THETA, SearchConfig, ThetaInit, coarse_search,
                      line_search, zeroth_order_search)
 
+# ADMM iterations (of 20) that re-select the mask, as Boža 2024's gradual variant does (15 of 20): the last
+# ones settle the weights on the final mask.
+ADMM_RESELECT = 15
+
 
 @dataclass
 class BlockJob:
@@ -57,6 +61,12 @@ class PruningMethod(ABC):
     @abstractmethod
     def prune_block(self, job: BlockJob) -> BlockMasks: ...
 
+    def metric(self, job: BlockJob, name: str, result: BlockMasks) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """This method's score of linear ``name`` as a function of a weight (the calibration statistics and
+        Θ of ``result`` fixed), so that a weight update can re-select the mask by it; None where the method
+        has no such score."""
+        return None
+
 
 class Magnitude(PruningMethod):
     """|W|: needs no calibration data."""
@@ -66,6 +76,9 @@ class Magnitude(PruningMethod):
 
     def prune_block(self, job: BlockJob) -> BlockMasks:
         return BlockMasks({n: keep_mask(magnitude_scores(w), job.pattern, n) for n, w in job.dense.items()})
+
+    def metric(self, job: BlockJob, name: str, result: BlockMasks) -> Callable[[torch.Tensor], torch.Tensor]:
+        return magnitude_scores
 
 
 class Wanda(PruningMethod):
@@ -77,6 +90,9 @@ class Wanda(PruningMethod):
         return BlockMasks({
             n: keep_mask(wanda_scores(w, job.act_sum_sq[n]), job.pattern, n) for n, w in job.dense.items()
         })
+
+    def metric(self, job: BlockJob, name: str, result: BlockMasks) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda w: wanda_scores(w, job.act_sum_sq[name])
 
 
 _MIN_COARSE_ROWS = 64  # fewer rows estimate the layer error too noisily to rank Θ candidates
@@ -150,6 +166,10 @@ class Bawa(PruningMethod):
         return BlockMasks(masks_at(theta), {n: theta[k].tolist() for k, n in enumerate(names)},
                           info)
 
+    def metric(self, job: BlockJob, name: str, result: BlockMasks) -> Callable[[torch.Tensor], torch.Tensor]:
+        """BaWA's score at the Θ this block's search found for ``name``; the norms are the given weight's."""
+        return lambda w: BawaNorms.of(w, job.act_sum_sq[name]).scores(*result.theta[name])
+
     def _coarse(self, job: BlockJob, name: str, norms: BawaNorms, init: tuple[float, float, float], k: int):
         """The coarse stage for one linear: its layer-output error ||(W − Ŵ)X||² = Σ_rows δ G δᵀ, estimated
         during the search on a fixed, seeded subset of the output rows (masks are per row, so a row's mask
@@ -183,6 +203,9 @@ class Ria(PruningMethod):
     def prune_block(self, job: BlockJob) -> BlockMasks:
         return BlockMasks({n: keep_mask(ria_scores(w, job.act_sum_sq[n], self.power), job.pattern, n)
                            for n, w in job.dense.items()})
+
+    def metric(self, job: BlockJob, name: str, result: BlockMasks) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda w: ria_scores(w, job.act_sum_sq[name], self.power)
 
 
 class SparseGPT(PruningMethod):
@@ -226,14 +249,19 @@ class Awp(PruningMethod):
 
 
 class Reconstructed(PruningMethod):
-    """Any mask method followed by a weight update on its fixed masks (ADMM or AWP's PGD)."""
+    """Any mask method followed by a weight update: ADMM, which re-selects the mask by the method's own metric
+    in its first ``reselect`` iterations (0: the mask stays fixed), or AWP's PGD on the fixed mask."""
 
     needs_gram = True
 
-    def __init__(self, base: PruningMethod, kind: str, iters: int | None = None, **options):
+    def __init__(self, base: PruningMethod, kind: str, iters: int | None = None, reselect: int = ADMM_RESELECT,
+                 **options):
         if kind not in RECONSTRUCTIONS[1:]:
             raise ValueError(f"unknown reconstruction {kind!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
+        if reselect < 0:
+            raise ValueError(f"--admm-reselect must be 0 or more, got {reselect}")
         self.base, self.kind, self.iters, self.options = base, kind, iters, options
+        self.reselect = reselect if kind == "admm" else 0
         self.name = f"{base.name}+{kind}"
         self.search = getattr(base, "search", None)
         self.theta_init = getattr(base, "theta_init", None)
@@ -249,7 +277,10 @@ class Reconstructed(PruningMethod):
         for n, w in job.dense.items():
             start = result.weights[n] if result.weights else w
             if self.kind == "admm":
-                weights[n] = admm_update(start, result.masks[n], job.gram[n], **kw)
+                metric = self.base.metric(job, n, result) if self.reselect else None
+                weights[n], result.masks[n] = admm_update(
+                    start, result.masks[n], job.gram[n], metric=metric, pattern=job.pattern,
+                    reselect=self.reselect if metric is not None else 0, **kw)
             else:
                 weights[n], _ = awp_pgd(start, job.gram[n], job.n_tokens, mask=result.masks[n], **kw)
         result.weights = weights
@@ -257,10 +288,10 @@ class Reconstructed(PruningMethod):
 
 
 def make_method(name: str, search: SearchConfig | None = None, reconstruct: str = "none",
-                awp_init: str = "wanda", iters: int | None = None, theta_init: ThetaInit | None = None
-                ) -> PruningMethod:
+                awp_init: str = "wanda", iters: int | None = None, theta_init: ThetaInit | None = None,
+                reselect: int = ADMM_RESELECT) -> PruningMethod:
     """``search`` and ``theta_init`` apply to BaWA (``search=None`` = ``--no-search``: Θ stays at
-    ``theta_init``); ``reconstruct`` wraps any mask method."""
+    ``theta_init``); ``reconstruct`` wraps any mask method, ``reselect`` is ADMM's mask re-selection."""
     if name == "magnitude":
         method = Magnitude()
     elif name == "wanda":
@@ -280,7 +311,7 @@ def make_method(name: str, search: SearchConfig | None = None, reconstruct: str 
     if reconstruct != "none":
         if name in ("sparsegpt", "awp"):
             raise ValueError(f"--reconstruct applies to mask methods; {name} already updates the weights")
-        method = Reconstructed(method, reconstruct, iters)
+        method = Reconstructed(method, reconstruct, iters, reselect)
     return method
 
 
