@@ -46,14 +46,14 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120), (22, 1096)])
 def test_op_matches_dense_masked(dtype, n, k):
-    """Every M regime (packed GEMV; for bf16 dense tiles from cpu.TILES_MIN_M, whole and partial tiles of 32
-    tokens, over more than one block of 2048 tokens; panels above cpu.SMALL_M_MAX for other dtypes), K tails of
-    8/16/24, with/without bias."""
+    """Every M regime (packed GEMV; for bf16 dense tiles from cpu.TILES_MIN_M: whole and partial tiles of 32
+    tokens, a last tile of 16 (40 = 32 + 8, 48 = 32 + 16, 257 = 8 x 32 + 1), over more than one block of 2048
+    tokens; panels above cpu.SMALL_M_MAX for other dtypes), K tails of 8/16/24, with/without bias."""
     w = _weight(n, k, dtype)
     values, meta = pack_24(w)
     packed = kernels.prepare(values.clone(), meta.clone(), backend=kernels.CPU)
     assert packed.backend == kernels.CPU
-    for m in (1, 3, 16, cpu.TILES_MIN_M, 40, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257, 2100):
+    for m in (1, 3, 16, cpu.TILES_MIN_M, 40, 48, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257, 2100):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         bias = torch.randn(n).to(dtype)
         _check(packed(x, bias), x, w, bias)

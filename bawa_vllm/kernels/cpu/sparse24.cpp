@@ -497,8 +497,8 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // 16 TB tokens, column pair by column pair (xv[p][t]); 16 / TB rows of W x TB vectors of tokens are 16
 // accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
 // Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
-// (32 tokens) needs fewer loads and is the one used: TB = 1 (16 tokens) lost to the prefetching GEMV below 28
-// tokens, where it was meant to run. K is cut in chunks so that a tile's x stays in L1 while all rows of the
+// (32 tokens) needs fewer loads and takes all whole 32-token tiles; TB = 1 (16 tokens) takes the last tokens
+// (plan_tiles), but lost to the prefetching GEMV below 28 tokens, where it was first meant to run. K is cut in chunks so that a tile's x stays in L1 while all rows of the
 // panel pass over it, and the panel is decompressed chunk by chunk so that it stays in L2 whatever K is.
 constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
 constexpr int64_t kTilePanelRows = 256;  // rows of W a thread decompresses at once
@@ -605,23 +605,46 @@ __attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t T,
   }
 }
 
-template <int TB>
+// The tiles of M tokens: 32-token tiles (TB = 2), and the last 1-16 tokens in a 16-token tile (TB = 1), so that
+// no call computes more than 15 padding tokens; a remainder of 17-31 tokens takes a 32-token tile. With 32-token
+// tiles only, M = 48 computed 64 tokens and ran at 0.66-0.71x of vLLM's GEMM (0.83-0.91x with a 16-token tile
+// for the last 16), and M = 20 computed 32 (0.62-0.72x).
+struct Tile {
+  int64_t m0, tb, x_off;  // first token, 16-token vectors, offset of its packed x in xv (u32)
+};
+
+std::vector<Tile> plan_tiles(int64_t M, int64_t P) {
+  std::vector<Tile> tiles;
+  int64_t m0 = 0, x_off = 0;
+  for (; m0 < M; x_off += P * 16 * tiles.back().tb) {
+    const int64_t left = M - m0, tb = left > 16 ? 2 : 1;
+    tiles.push_back({m0, tb, x_off});
+    m0 += 16 * tb;
+  }
+  return tiles;
+}
+
 void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
-  constexpr int64_t T = 16 * TB, R = 16 / TB;
+  constexpr int64_t kRowPad = 16;  // rows of a panel are padded to both kernels' strips (8 rows at TB = 2, 16 at 1)
   const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
-  const int64_t tiles = (M + T - 1) / T, groups = row_groups(N);
+  const std::vector<Tile> plan = plan_tiles(M, P);
+  const int64_t tiles = static_cast<int64_t>(plan.size()), groups = row_groups(N);
   const auto* xp = reinterpret_cast<const uint32_t*>(x2.data_ptr<c10::BFloat16>());
-  torch::Tensor xv = torch::empty({tiles, P, T}, x2.options().dtype(torch::kInt32));
+  torch::Tensor xv = torch::empty({plan.back().x_off + P * 16 * plan.back().tb}, x2.options().dtype(torch::kInt32));
   auto* xvp = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) pack_tile<TB>(xp, M, P, t * T, xvp + t * P * T);
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = plan[t];
+      if (tile.tb == 2) pack_tile<2>(xp, M, P, tile.m0, xvp + tile.x_off);
+      else pack_tile<1>(xp, M, P, tile.m0, xvp + tile.x_off);
+    }
   });
   // Row groups per panel: up to kTilePanelRows rows, and at least 4 panels per thread (or one group per panel)
   // so that the threads share the rows evenly.
   const int64_t by_threads = std::max<int64_t>(1, groups / (4 * at::get_num_threads()));
   const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
   const int64_t panels = (groups + per_panel - 1) / per_panel;
-  const int64_t cap = (per_panel * kNR + R - 1) / R * R;  // rows, padded for the kernel
+  const int64_t cap = (per_panel * kNR + kRowPad - 1) / kRowPad * kRowPad;  // rows, padded for the kernels
   // Row stride of a decompressed chunk: its columns plus one cache line, so that the kernel's row streams do
   // not fall in the same L1 sets.
   const int64_t ld = 2 * kTilePairs + 32;
@@ -635,12 +658,12 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
     thread_local std::vector<c10::BFloat16> scratch;
     thread_local std::vector<float> c;
     if (static_cast<int64_t>(scratch.size()) < cap * ld) scratch.resize(cap * ld);
-    if (static_cast<int64_t>(c.size()) < block * cap * T) c.resize(block * cap * T);
+    if (static_cast<int64_t>(c.size()) < block * cap * 32) c.resize(block * cap * 32);
     const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0), rows = first_row(N, g1 - 1) + rows_in_group(N, g1 - 1) - n0;
-      const int64_t padded = (rows + R - 1) / R * R;
+      const int64_t padded = (rows + kRowPad - 1) / kRowPad * kRowPad;
       std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
       // Per block of tiles, K chunk by K chunk: the chunk's rows are decompressed into scratch (L2-sized
       // whatever K is) and every tile of the block passes over them, its chunk of x in L1 for all rows.
@@ -663,27 +686,34 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
             ng1 = p + 1 < end ? std::min(groups, g1 + per_panel) : g1;
             ni0 = 0;
           }
-          const int64_t ni1 = std::min(K / kWord, ni0 + 2 * kTilePairs / kWord), strips = padded / R;
+          const int64_t ni1 = std::min(K / kWord, ni0 + 2 * kTilePairs / kWord);
           for (int64_t t = b0; t < b1; ++t) {
-            const uint32_t* xt = xvp + (t * P + k0) * T;
-            float* ct = c.data() + (t - b0) * padded * T;
+            const Tile& tile = plan[t];
+            const int64_t T = 16 * tile.tb, R = 16 / tile.tb, strips = padded / R;
+            const uint32_t* xt = xvp + tile.x_off + k0 * T;
+            float* ct = c.data() + (t - b0) * padded * 32;
             // The next tile's chunk of x is fetched into L2 while this one computes, a slice per row strip:
             // at 2048 tokens x (56 MiB at K = 14336) comes from DRAM, and each tile's first strip stalled on it.
-            const int64_t tn = t + 1 < b1 ? t + 1 : b0, kn = t + 1 < b1 ? k0 : k0 + kTilePairs;
-            const char* xn = reinterpret_cast<const char*>(xvp + (tn * P + kn) * T);
-            const int64_t lines = kn < P ? std::min(kTilePairs, P - kn) * T * 4 / 64 : 0;
-            const int64_t per_strip = (lines + padded / R - 1) / (padded / R);
+            const Tile& next = plan[t + 1 < b1 ? t + 1 : b0];
+            const int64_t kn = t + 1 < b1 ? k0 : k0 + kTilePairs, tn = 16 * next.tb;
+            const char* xn = reinterpret_cast<const char*>(xvp + next.x_off + kn * tn);
+            const int64_t lines = kn < P ? std::min(kTilePairs, P - kn) * tn * 4 / 64 : 0;
+            const int64_t per_strip = (lines + strips - 1) / strips;
             for (int64_t r0 = 0, l = 0, s = 0; r0 < padded; r0 += R, ++s) {
               for (const int64_t l1 = std::min(lines, l + per_strip); l < l1; ++l) _mm_prefetch(xn + 64 * l, _MM_HINT_T1);
               if (t == b0)
                 for (int64_t q = ng0 + (ng1 - ng0) * s / strips, q1 = ng0 + (ng1 - ng0) * (s + 1) / strips; q < q1; ++q)
                   for (int64_t i = ni0; i < ni1; ++i) prefetch_word<_MM_HINT_T1>(rows_of(vals, mk, N, K, q), i);
-              tile_kernel<TB>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
+              if (tile.tb == 2) tile_kernel<2>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
+              else tile_kernel<1>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
             }
           }
         }
-        for (int64_t t = b0; t < b1; ++t)
-          store_tile(c.data() + (t - b0) * padded * T, T, rows, std::min(T, M - t * T), yp + t * T * N + n0, N);
+        for (int64_t t = b0; t < b1; ++t) {
+          const Tile& tile = plan[t];
+          const int64_t T = 16 * tile.tb;
+          store_tile(c.data() + (t - b0) * padded * 32, T, rows, std::min(T, M - tile.m0), yp + tile.m0 * N + n0, N);
+        }
       }
     }
   });
@@ -710,7 +740,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
   if (tiles || M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (tiles && !tiles_onednn) dense_tiles<2>(x2, values, meta, y);
+    if (tiles && !tiles_onednn) dense_tiles(x2, values, meta, y);
     else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
