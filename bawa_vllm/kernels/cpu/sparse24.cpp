@@ -625,7 +625,6 @@ std::vector<Tile> plan_tiles(int64_t M, int64_t P) {
 }
 
 void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
-  constexpr int64_t kRowPad = 16;  // rows of a panel are padded to both kernels' strips (8 rows at TB = 2, 16 at 1)
   const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
   const std::vector<Tile> plan = plan_tiles(M, P);
   const int64_t tiles = static_cast<int64_t>(plan.size()), groups = row_groups(N);
@@ -644,7 +643,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
   const int64_t by_threads = std::max<int64_t>(1, groups / (4 * at::get_num_threads()));
   const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
   const int64_t panels = (groups + per_panel - 1) / per_panel;
-  const int64_t cap = (per_panel * kNR + kRowPad - 1) / kRowPad * kRowPad;  // rows, padded for the kernels
+  const int64_t cap = (per_panel * kNR + 15) / 16 * 16;  // rows, padded for both kernels
   // Row stride of a decompressed chunk: its columns plus one cache line, so that the kernel's row streams do
   // not fall in the same L1 sets.
   const int64_t ld = 2 * kTilePairs + 32;
@@ -663,8 +662,10 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0), rows = first_row(N, g1 - 1) + rows_in_group(N, g1 - 1) - n0;
-      const int64_t padded = (rows + kRowPad - 1) / kRowPad * kRowPad;
-      std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded - rows) * ld * sizeof(c10::BFloat16));
+      // Rows padded to a tile's strips: 8 rows at TB = 2, 16 at TB = 1 (padding all to 16 cost 2 threads 7 % on
+      // SmolLM2's 576-column layers, whose panels are 72 rows there).
+      const int64_t padded2 = (rows + 7) / 8 * 8, padded1 = (rows + 15) / 16 * 16;
+      std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded1 - rows) * ld * sizeof(c10::BFloat16));
       // Per block of tiles, K chunk by K chunk: the chunk's rows are decompressed into scratch (L2-sized
       // whatever K is) and every tile of the block passes over them, its chunk of x in L1 for all rows.
       // Decompressing the whole panel first put it out of L2 for K in the thousands (3.5 MiB at K = 14336),
@@ -689,9 +690,10 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
           const int64_t ni1 = std::min(K / kWord, ni0 + 2 * kTilePairs / kWord);
           for (int64_t t = b0; t < b1; ++t) {
             const Tile& tile = plan[t];
-            const int64_t T = 16 * tile.tb, R = 16 / tile.tb, strips = padded / R;
+            const int64_t T = 16 * tile.tb, R = 16 / tile.tb, padded = tile.tb == 2 ? padded2 : padded1;
+            const int64_t strips = padded / R;
             const uint32_t* xt = xvp + tile.x_off + k0 * T;
-            float* ct = c.data() + (t - b0) * padded * 32;
+            float* ct = c.data() + (t - b0) * padded1 * 32;
             // The next tile's chunk of x is fetched into L2 while this one computes, a slice per row strip:
             // at 2048 tokens x (56 MiB at K = 14336) comes from DRAM, and each tile's first strip stalled on it.
             const Tile& next = plan[t + 1 < b1 ? t + 1 : b0];
@@ -712,7 +714,7 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
         for (int64_t t = b0; t < b1; ++t) {
           const Tile& tile = plan[t];
           const int64_t T = 16 * tile.tb;
-          store_tile(c.data() + (t - b0) * padded * 32, T, rows, std::min(T, M - tile.m0), yp + tile.m0 * N + n0, N);
+          store_tile(c.data() + (t - b0) * padded1 * 32, T, rows, std::min(T, M - tile.m0), yp + tile.m0 * N + n0, N);
         }
       }
     }
