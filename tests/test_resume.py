@@ -187,3 +187,19 @@ def test_other_arguments_refused_by_name_and_no_resume_starts_over(tmp_path, arg
         assert export_main([*args, "--out", str(out)]) == 0  # without --resume: discarded, started over
     assert "discarding the unfinished export" in caplog.text
     assert_same_export(out, reference)
+
+
+def test_weight_update_settings_are_part_of_the_fingerprint():
+    """--recon-iters and --admm-reselect change the output bytes but not the method's name, so the fingerprint
+    must carry them: a --resume with another value is refused by name, not continued with mixed blocks."""
+    from bawa_vllm.pruning.engine import ExportConfig, _arguments, _changed, _fingerprint
+    from bawa_vllm.pruning.masks import SparsityPattern
+    from bawa_vllm.pruning.methods import make_method
+
+    cfg = ExportConfig(model="m", out="o", pattern=SparsityPattern.parse("2:4"))
+    base = _fingerprint(_arguments(cfg, make_method("wanda", reconstruct="admm")))
+    assert _changed(base, _fingerprint(_arguments(cfg, make_method("wanda", reconstruct="admm", reselect=0)))) \
+        == ["reconstruction"]
+    assert _changed(base, _fingerprint(_arguments(cfg, make_method("wanda", reconstruct="admm", iters=30)))) \
+        == ["reconstruction"]
+    assert _fingerprint(_arguments(cfg, make_method("wanda")))["reconstruction"] is None

@@ -220,7 +220,8 @@ def _arguments(cfg: ExportConfig, method: PruningMethod) -> dict:
     theta_init = getattr(method, "theta_init", None)
     return json.loads(json.dumps({**asdict(cfg), "pattern": str(cfg.pattern), "method": method.name,
                                   "search": asdict(search) if search else None,
-                                  "theta_init": theta_init.to_json() if theta_init else None}))
+                                  "theta_init": theta_init.to_json() if theta_init else None,
+                                  "reconstruction": getattr(method, "reconstruction", None)}))
 
 
 def _fingerprint(arguments: dict) -> dict:
