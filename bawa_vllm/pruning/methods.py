@@ -262,12 +262,15 @@ class Reconstructed(PruningMethod):
             raise ValueError(f"--admm-reselect must be 0 or more, got {reselect}")
         self.base, self.kind, self.iters, self.options = base, kind, iters, options
         self.reselect = reselect if kind == "admm" else 0
-        # what the report and --resume's fingerprint record of the update (the name says only its kind)
-        self.reconstruction = {"kind": kind, "iters": iters, "reselect": self.reselect, **options}
         self.name = f"{base.name}+{kind}"
         self.search = getattr(base, "search", None)
         self.theta_init = getattr(base, "theta_init", None)
         self.needs_block_loss = base.needs_block_loss
+
+    @property
+    def reconstruction(self) -> dict:
+        """What the report and --resume's fingerprint record of the update (the name says only its kind)."""
+        return {"kind": self.kind, "iters": self.iters, "reselect": self.reselect, **self.options}
 
     def check_targets(self, names: list[str]) -> None:
         self.base.check_targets(names)

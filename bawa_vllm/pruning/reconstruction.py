@@ -43,8 +43,9 @@ def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def _no_worse(weight, start, result, gram) -> torch.Tensor:
-    return result if output_error(weight, result, gram) <= output_error(weight, start, gram) else start
+def _no_worse(weight, start, result, gram) -> bool:
+    """Whether ``result`` is at least as good as ``start`` (the safety net every reconstruction applies)."""
+    return output_error(weight, result, gram) <= output_error(weight, start, gram)
 
 
 def admm_update(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, iters: int = 20,
@@ -87,9 +88,9 @@ def admm_update(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, it
         z = v * m
         u = v - z
         r *= rho_growth
-    result, kept = (z.T / norm).to(F32), m.T.bool()
-    if output_error(w, result, gram) <= output_error(w, start, gram):
-        return result.to(weight.dtype), kept
+    result = (z.T / norm).to(F32)
+    if _no_worse(w, start, result, gram):
+        return result.to(weight.dtype), m.T.bool()
     return start.to(weight.dtype), mask
 
 
@@ -124,7 +125,7 @@ def awp_pgd(weight: torch.Tensor, gram: torch.Tensor, n_tokens: int, mask: torch
         if change < tol:
             break
     if mask is not None:
-        return _no_worse(w, start, theta, gram).to(weight.dtype), mask
+        return (theta if _no_worse(w, start, theta, gram) else start).to(weight.dtype), mask
     return theta.to(weight.dtype), keep
 
 

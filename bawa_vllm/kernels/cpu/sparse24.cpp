@@ -498,8 +498,8 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
 // Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
 // (32 tokens) needs fewer loads and takes all whole 32-token tiles; TB = 1 (16 tokens) takes the last tokens
-// (plan_tiles), but lost to the prefetching GEMV below 28 tokens, where it was first meant to run. K is cut in chunks so that a tile's x stays in L1 while all rows of the
-// panel pass over it, and the panel is decompressed chunk by chunk so that it stays in L2 whatever K is.
+// (plan_tiles), but lost to the prefetching GEMV below 28 tokens, where it was first meant to run. K is cut in
+// chunks so that a tile's x stays in L1 while all rows of the panel pass over it, and the panel is decompressed chunk by chunk so that it stays in L2 whatever K is.
 constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
 constexpr int64_t kTilePanelRows = 256;  // rows of W a thread decompresses at once
 static_assert(2 * kTilePairs % kWord == 0, "a K chunk is whole words");
@@ -615,17 +615,18 @@ struct Tile {
 
 std::vector<Tile> plan_tiles(int64_t M, int64_t P) {
   std::vector<Tile> tiles;
-  int64_t m0 = 0, x_off = 0;
-  for (; m0 < M; x_off += P * 16 * tiles.back().tb) {
-    const int64_t left = M - m0, tb = left > 16 ? 2 : 1;
+  for (int64_t m0 = 0, x_off = 0; m0 < M;) {
+    const int64_t tb = M - m0 > 16 ? 2 : 1;
     tiles.push_back({m0, tb, x_off});
     m0 += 16 * tb;
+    x_off += P * 16 * tb;
   }
   return tiles;
 }
 
 void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
   const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
+  if (M == 0) return;
   const std::vector<Tile> plan = plan_tiles(M, P);
   const int64_t tiles = static_cast<int64_t>(plan.size()), groups = row_groups(N);
   const auto* xp = reinterpret_cast<const uint32_t*>(x2.data_ptr<c10::BFloat16>());
