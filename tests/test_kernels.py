@@ -44,45 +44,62 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120), (22, 1096)])
-def test_op_matches_dense_masked(dtype, n, k):
-    """Every M regime (packed GEMV; for bf16 dense tiles from cpu.TILES_MIN_M: whole and partial tiles of 32
-    tokens, a last tile of 16 (40 = 32 + 8, 48 = 32 + 16, 257 = 8 x 32 + 1), over more than one block of 2048
-    tokens; panels above cpu.SMALL_M_MAX for other dtypes), K tails of 8/16/24, with/without bias."""
+@pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120), (22, 1096), (20, 4168)])
+def test_op_matches_dense_masked(dtype, n, k, monkeypatch):
+    """Every M regime, K tails of 8/16/24, with/without bias. bf16: the packed GEMV below cpu.LANES_MIN_M, row
+    lanes from there on every CPU (forced, as AMX CPUs send prefill to oneDNN): a last pass of 1 token (17, 33),
+    blocks of 128 tokens (129, 257, 2100), K in more than one chunk with a tail (4168 = 65 words + 8), rows after
+    the chunks of 16 (leftover blocks and single rows: 33, 130, 22, 20). Other dtypes: GEMV, and panels above
+    cpu.SMALL_M_MAX."""
     w = _weight(n, k, dtype)
     values, meta = pack_24(w)
     packed = kernels.prepare(values.clone(), meta.clone(), backend=kernels.CPU)
     assert packed.backend == kernels.CPU
-    for m in (1, 3, 16, cpu.TILES_MIN_M, 40, 48, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 257, 2100):
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-        bias = torch.randn(n).to(dtype)
-        _check(packed(x, bias), x, w, bias)
-        _check(packed(x), x, w, None)
+    monkeypatch.setenv("BAWA_CPU_PREFILL", "lanes")
+    try:
+        cpu.apply_dispatch()
+        for m in (1, 3, cpu.LANES_MIN_M - 1, cpu.LANES_MIN_M, 16, 17, 33, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 129,
+                  257, 2100):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+            bias = torch.randn(n).to(dtype)
+            _check(packed(x, bias), x, w, bias)
+            _check(packed(x), x, w, None)
+    finally:
+        monkeypatch.undo()
+        cpu.apply_dispatch()
     x3 = torch.randn(2, 3, k).to(dtype)  # leading dims are kept
     assert packed(x3).shape == (2, 3, n)
 
 
+def _force(monkeypatch, **attrs) -> None:
+    """Set the crossovers in kernels/cpu (and BAWA_CPU_PREFILL, given as prefill=) and hand them to the kernel."""
+    for name, value in attrs.items():
+        if name == "prefill":
+            monkeypatch.setenv("BAWA_CPU_PREFILL", value)
+        else:
+            monkeypatch.setattr(cpu, name, value)
+    cpu.apply_dispatch()
+
+
 def test_small_and_large_m_paths_agree(monkeypatch):
-    """The three paths run on the same input: forcing dense tiles, then the panels, for M = 4 must give the
-    GEMV's answer."""
-    w = _weight(96, 520, torch.bfloat16)
-    packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
-    x = torch.randn(4, 520).bfloat16()
-    gemv = packed(x)
-    _check(gemv, x, w, None)
-    try:
-        monkeypatch.setattr(cpu, "TILES_MIN_M", 1)
-        cpu.apply_dispatch()
-        tiles = packed(x)
-        monkeypatch.setattr(cpu, "TILES_MIN_M", 10**9)
-        monkeypatch.setattr(cpu, "SMALL_M_MAX", 0)
-        cpu.apply_dispatch()
-        panel = packed(x)
-    finally:
-        monkeypatch.undo()
-        cpu.apply_dispatch()
-    torch.testing.assert_close(gemv.float(), tiles.float(), rtol=2 ** -7, atol=2 ** -7)
-    torch.testing.assert_close(gemv.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
+    """The three bf16 paths run on the same input: forcing row lanes, then the panels, for M = 4 must give the
+    GEMV's answer (rows 96: six chunks of lanes and nothing left over; 100: four rows for the GEMV after them)."""
+    for n in (96, 100):
+        w = _weight(n, 520, torch.bfloat16)
+        packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
+        x = torch.randn(4, 520).bfloat16()
+        gemv = packed(x)
+        _check(gemv, x, w, None)
+        try:
+            _force(monkeypatch, LANES_MIN_M=1, prefill="lanes")
+            lanes = packed(x)
+            _force(monkeypatch, ONEDNN_MIN_M=1, prefill="onednn")
+            panel = packed(x)
+        finally:
+            monkeypatch.undo()
+            cpu.apply_dispatch()
+        torch.testing.assert_close(gemv.float(), lanes.float(), rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(gemv.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
 def _tiled(t: torch.Tensor, word: int, tail: int) -> torch.Tensor:
@@ -157,8 +174,8 @@ def test_cpu_tensors_run_the_ops_cpp_kernel_and_hand_other_codes_back():
 
 @pytest.mark.parametrize("dtype,m", [(torch.float32, 100), (torch.bfloat16, 600)])
 def test_panels_run_on_worker_threads_under_inference_mode(monkeypatch, dtype, m):
-    """vLLM runs the model under torch.inference_mode; the panels (fp32 above 64 tokens; bf16 on CPUs without
-    AVX512_BF16, forced here by lowering cpu.TILES_MAX_M) write their results with tensor ops on torch's worker
+    """vLLM runs the model under torch.inference_mode; the panels (fp32 above 64 tokens; bf16 prefill on AMX CPUs,
+    forced here by BAWA_CPU_PREFILL=onednn) write their results with tensor ops on torch's worker
     threads, which must run in the caller's mode (a worker outside it may not update the inference tensor y in
     place). Small panels force several tasks."""
     w = _weight(130, 96, dtype)
@@ -167,9 +184,7 @@ def test_panels_run_on_worker_threads_under_inference_mode(monkeypatch, dtype, m
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(cpu, "PANEL_BYTES", 1)  # 4 row groups per panel: 9 panels
-        monkeypatch.setattr(cpu, "TILES_MAX_M", 0)
-        cpu.apply_dispatch()
+        _force(monkeypatch, PANEL_BYTES=1, prefill="onednn")  # 4 row groups per panel: 9 panels
         assert cpu.load().parallel_threads() == 2
         with torch.inference_mode():
             y = packed(x)
@@ -236,9 +251,10 @@ def test_prefill_path_follows_amx_and_env(monkeypatch):
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)
     assert cpu.prefill_path()[0] == "onednn"
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:5])
-    assert cpu.prefill_path()[0] == "tiles"
+    assert cpu.prefill_path()[0] == "lanes"
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:4])  # no AVX512_BF16: the kernel's panels, as it does itself
-    assert cpu.prefill_path() == ("onednn", "the CPU lacks AVX512_BF16, which the tiles need")
+    assert cpu.prefill_path() == ("onednn", "the CPU lacks AVX512_BF16, which the lanes need")
+    assert cpu.prefill_summary(*cpu.prefill_path()).startswith(f"bf16 from {cpu.SMALL_M_MAX + 1} tokens runs on oneDNN")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "onednn")
     assert cpu.prefill_path() == ("onednn", "BAWA_CPU_PREFILL")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "amx")
@@ -259,25 +275,28 @@ def _mm_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::mm_out"))
 
 
-def test_amx_sends_bf16_tile_range_to_onednn_panels(monkeypatch, caplog):
-    """On a CPU with AMX-BF16 (simulated) the bf16 range of the tiles runs the `at::mm` panels instead (oneDNN uses
-    AMX there), gives the same answer, and the choice is logged; below the range the GEMV is unchanged."""
+def test_amx_sends_bf16_prefill_to_onednn_panels(monkeypatch, caplog):
+    """On a CPU with AMX-BF16 (simulated) bf16 from cpu.ONEDNN_MIN_M tokens runs the `at::mm` panels (oneDNN uses
+    AMX there), gives the same answer, and the choice is logged; below it the GEMV and the lanes are unchanged."""
     w = _weight(96, 520, torch.bfloat16)
     packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
-    x = torch.randn(cpu.TILES_MIN_M + 4, 520).bfloat16()
-    monkeypatch.delenv("BAWA_CPU_PREFILL", raising=False)
-    tiles = packed(x)
-    assert _mm_calls(lambda: packed(x)) == 0
+    x = torch.randn(cpu.ONEDNN_MIN_M + 4, 520).bfloat16()
     try:
+        _force(monkeypatch, _cpu_flags=lambda: AMX[:5])  # AVX512_BF16, no AMX: the lanes
+        monkeypatch.delenv("BAWA_CPU_PREFILL", raising=False)
+        cpu.apply_dispatch()
+        lanes = packed(x)
+        assert _mm_calls(lambda: packed(x)) == 0
         monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)
         with caplog.at_level(logging.INFO, logger=cpu.__name__):
             cpu.apply_dispatch()
         onednn = packed(x)
         assert _mm_calls(lambda: packed(x)) > 0
         assert _mm_calls(lambda: packed(x[:4])) == 0
+        assert _mm_calls(lambda: packed(x[: cpu.LANES_MIN_M])) == 0
     finally:
         monkeypatch.undo()
         cpu.apply_dispatch()
     assert "oneDNN" in caplog.text and "AMX-BF16" in caplog.text
     _check(onednn, x, w, None)
-    torch.testing.assert_close(tiles.float(), onednn.float(), rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(lanes.float(), onednn.float(), rtol=2 ** -7, atol=2 ** -7)

@@ -4,9 +4,9 @@ Layout kept per layer: the on-disk ``values [N, K/2]`` and ``meta [N, K/8]`` (2-
 load in place (same tensors, shapes and bytes): rows interleaved in blocks of 4, word by word (64 columns: 32
 values, 8 metadata bytes), so that the kernel, which works on 4 rows at once, streams one contiguous run of
 values and one of metadata. For a few tokens the kernel gathers x to the kept values (``vpmultishiftqb`` +
-``vpermt2w``) rather than expanding the weights; from ``TILES_MIN_M`` tokens (bf16) each thread decompresses a
-panel of rows into a buffer it keeps between calls and runs a bf16 micro-kernel of ours on it; the C++ file says
-why. On CPUs with AMX-BF16 that range goes to oneDNN instead (``PREFILL_PATHS``).
+``vpermt2w``) rather than expanding the weights; from ``LANES_MIN_M`` tokens (bf16) each thread turns 16 rows at a
+time into "row lanes" (a vector lane per row) and picks x's kept columns per lane with ``vpshufb``; the C++ file
+says why. On CPUs with AMX-BF16 bf16 prefill goes to oneDNN instead (``PREFILL_PATHS``).
 
 Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
 (``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a
@@ -44,31 +44,26 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
-# bf16 on CPUs with AVX512_BF16: from TILES_MIN_M tokens up, dense tiles (sparse24.cpp: each thread
-# decompresses a panel of rows, K chunk by K chunk, for a bf16 micro-kernel of ours, tiles of 32 tokens); below,
-# the packed GEMV. GEMV time over tiles time (1 thread, Zen 5, weights cycled past L3, the two paths
-# interleaved; shapes 2048x8192, 3072x2048, 960x576, 16384x2048), with the GEMV's software prefetch:
-# M = 16: 0.94, 0.78, 0.92, 0.78; 20: 0.82, 0.82, 0.80, 0.66; 24: 0.89, 0.92, 0.90, 0.77; 28: 0.99, 0.93, 1.09;
-# 32: 1.11, 1.07, 1.23, 0.98. At 2 threads, 24: 0.88, 1.14, 1.05, 0.78; 32: 1.32, 1.48, 1.30, 0.99. So the GEMV
-# runs up to 27 tokens (from 28 the two are even at 1 thread).
-TILES_MIN_M = 28
-# The tiles have no upper bound since they decompress K chunk by K chunk and prefetch x: at 2048 tokens they
-# ran at 0.90-0.93x of vLLM's GEMM on 4096x14336, 2048x8192 and 576x576 (1 thread), where the `at::mm` panels
-# ran at 0.85x and 0.90x on the first two, and at 2 threads 1.01x of F.linear on 3072x2048 against the panels'
-# 0.74x (one run each). A test lowers it to force the panels, which bf16 runs on CPUs without AVX512_BF16.
-TILES_MAX_M = sys.maxsize
+# bf16 on CPUs with AVX512_BF16: from LANES_MIN_M tokens up, row lanes (sparse24.cpp); below, the packed GEMV.
+# The GEMV's time over the lanes' (1 thread, Zen 5, weights cycled past L3, the two interleaved in one run;
+# SmolLM2 gate_up, 1B qkv, 1B down, 8B o): M = 8: 0.91, 0.95, 1.07, 0.90; 9: 0.85, 1.00, 1.17, 1.01; 10: 1.04,
+# 1.01, 1.17, 1.05; 11: 1.05, 1.02, 1.05, 1.02; 12: 1.00, 1.10, 1.13, 1.01. So lanes from 10 tokens.
+LANES_MIN_M = 10
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
 # are decompressed for `at::mm`.
 SMALL_M_MAX = 64
 # Bytes of the dense panel each thread decompresses before its `at::mm` (the panels): 4 MiB measured best
 # among 0.5, 1, 4 and 16 MiB at M = 128 (fewer, larger GEMM calls outweigh the panel leaving L2).
 PANEL_BYTES = 4 << 20
-# Which GEMM runs the bf16 range from TILES_MIN_M up: "tiles" (our AVX-512 micro-kernel) or "onednn" (the panels,
-# whose `at::mm` is oneDNN's). On CPUs with AMX-BF16 (Xeon Sapphire Rapids and later) oneDNN runs bf16 GEMMs on
-# AMX tiles, and so does vLLM's dense GEMM, with several times the multiply throughput of the `vdpbf16ps` our
-# tiles are built on; there the panels hand the compute to AMX too. Not measured: no machine of this project's
-# has AMX (every figure here is from AMD Zen 5). `BAWA_CPU_PREFILL=tiles|onednn` overrides the choice (A/B).
-PREFILL_PATHS = ("tiles", "onednn")
+# What runs bf16 prefill from ONEDNN_MIN_M tokens: "lanes" (the row lanes, as below it) or "onednn" (the
+# panels, whose `at::mm` is oneDNN's). On CPUs with AMX-BF16 (Xeon Sapphire Rapids and later) oneDNN runs bf16
+# GEMMs on AMX tiles, and so does vLLM's dense GEMM, with several times the multiply throughput of the
+# `vdpbf16ps` the lanes are built on; there the panels hand the compute to AMX too. Not measured: no machine of
+# this project's has AMX (every figure here is from AMD Zen 5); ONEDNN_MIN_M is a placeholder for the crossover
+# there (28 tokens is where the lanes' predecessor, dense tiles, took over from the GEMV on Zen 5).
+# `BAWA_CPU_PREFILL=lanes|onednn` overrides the choice (A/B).
+PREFILL_PATHS = ("lanes", "onednn")
+ONEDNN_MIN_M = 28
 
 _module: ModuleType | None = None
 _error: str | None = None
@@ -102,11 +97,11 @@ def _cpu_reason() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
-_NO_BF16 = "the CPU lacks AVX512_BF16, which the tiles need"
+_NO_BF16 = "the CPU lacks AVX512_BF16, which the lanes need"
 
 
 def prefill_path() -> tuple[str, str]:
-    """(path, why) for bf16 from TILES_MIN_M tokens (from SMALL_M_MAX + 1 on CPUs without AVX512_BF16); see
+    """(path, why) for bf16 from ONEDNN_MIN_M tokens (from SMALL_M_MAX + 1 on CPUs without AVX512_BF16); see
     PREFILL_PATHS."""
     name = os.environ.get("BAWA_CPU_PREFILL", "").strip().lower()
     if name:
@@ -117,16 +112,20 @@ def prefill_path() -> tuple[str, str]:
         flags = _cpu_flags()
     except OSError:
         flags = []
-    if "avx512_bf16" not in flags:  # the kernel checks this itself too: no tiles without vdpbf16ps
+    if "avx512_bf16" not in flags:  # the kernel checks this itself too: no lanes without vdpbf16ps
         return "onednn", _NO_BF16
-    return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if "amx_bf16" in flags else ("tiles", "no AMX-BF16")
+    return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if "amx_bf16" in flags else ("lanes", "no AMX-BF16")
 
 
 def prefill_summary(path: str, why: str) -> str:
-    """What runs bf16 prefill, from which token count, and why (the load log line; gemm.py's report)."""
-    first = SMALL_M_MAX + 1 if why == _NO_BF16 else TILES_MIN_M
-    engine = "oneDNN on decompressed panels" if path == "onednn" else "our AVX-512 tiles"
-    return f"bf16 from {first} tokens runs on {engine} ({why})"
+    """What runs bf16 from a few tokens up, from which token count, and why (the load log line; gemm.py's
+    report)."""
+    if why == _NO_BF16:
+        return f"bf16 from {SMALL_M_MAX + 1} tokens runs on oneDNN on decompressed panels ({why})"
+    lanes = f"bf16 from {LANES_MIN_M} tokens runs on our AVX-512 row lanes"
+    if path == "onednn":
+        return f"{lanes}, from {ONEDNN_MIN_M} on oneDNN on decompressed panels ({why})"
+    return f"{lanes} ({why})"
 
 
 def load() -> ModuleType:
@@ -207,7 +206,8 @@ def apply_dispatch() -> None:
     """Hand this module's crossovers to the kernel, whose C++ implementation of the op reads them (done at
     load; again after changing them, e.g. to force a path in a test)."""
     path, why = prefill_path()
-    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, TILES_MIN_M, TILES_MAX_M, path == "onednn")
+    # Without AVX512_BF16 the kernel runs neither lanes nor the bf16 GEMV: SMALL_M_MAX applies, as to other dtypes.
+    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, LANES_MIN_M, ONEDNN_MIN_M if path == "onednn" else sys.maxsize)
     global _logged_prefill
     if _logged_prefill != (path, why):
         _logged_prefill = (path, why)

@@ -17,12 +17,13 @@
 // about 5 cycles on Zen 5 and bounded the first version of this kernel). Other dtypes (fp32, fp16, and bf16
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
-// Small M (decode): each thread takes a range of row blocks and streams their packed weight once for all M
-// rows of x, 4 rows of x per pass. From 28 tokens up (bf16 on CPUs with AVX512_BF16): dense tiles, each
-// thread decompressing a panel of rows, K chunk by K chunk, into a private buffer that a micro-kernel of ours
-// runs on. Other dtypes above the GEMV's range: panels decompressed for `at::mm`. No full dense copy ever
-// exists. kernels/cpu/__init__.py has the measured crossovers, and sends the tiles' range to the panels on CPUs
-// with AMX-BF16, where oneDNN's GEMM runs on AMX.
+// Small M (decode, bf16 below LANES_MIN_M tokens, other dtypes up to SMALL_M_MAX): the GEMV above; each thread
+// takes a range of row blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass.
+// From LANES_MIN_M tokens (bf16 on CPUs with AVX512_BF16): row lanes (below), a vector lane per row of W, x
+// picked by `vpshufb`, which costs less than the gather; they run all larger M too. Other dtypes above the
+// GEMV's range: panels decompressed for `at::mm`. No full dense copy ever exists. kernels/cpu/__init__.py has
+// the measured crossovers, and sends bf16 prefill to the panels on CPUs with AMX-BF16, where oneDNN's GEMM
+// runs on AMX.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
 #include <torch/extension.h>
@@ -31,9 +32,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -150,8 +153,7 @@ inline void prefetch_word(const Rows<T>& w, int64_t i) {
 // 12.5 GB/s; 8 words ahead 17.5; 16 words 20.7; 32 words 22.6; 64 words 29.5-31.4; 128 words 25.2.
 constexpr int64_t kPrefetchBytes = 16 << 10;
 // Decompressing whole rows (the `at::mm` panels), a group prefetches its own stream 8 words ahead; 32 and 64
-// measured no different. Decompressing a chunk of words (the dense tiles) prefetches other groups: see
-// decompress_panel.
+// measured no different.
 constexpr int64_t kDecompressPrefetchWords = 8;
 
 template <typename T>
@@ -295,19 +297,22 @@ void dot_fp32(const float* const* xs, const Rows<T>& w, int64_t K, float* out) {
     for (int r = 0; r < kNR; ++r) out[m * kNR + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+
 bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
   return has;
 }
 
 // y[M, N] (fp32) for small M: each task streams its row groups' packed weight once, for all M rows of x
-// (in blocks of 4 rows of x; 3 runs as 4 with the last repeated). XT is how the micro-kernel reads x.
+// (in blocks of 4 rows of x; 3 runs as 4 with the last repeated). XT is how the micro-kernel reads x. Row groups
+// before first_group are left to the row lanes.
 template <typename T, typename XT, typename K1, typename K2, typename K4>
 void small_m(const XT* x, int64_t M, const T* values, const uint8_t* meta, int64_t N, int64_t K, float* y, K1 k1,
-             K2 k2, K4 k4) {
+             K2 k2, K4 k4, int64_t first_group = 0) {
   // Grain: enough rows per task that each streams a few hundred KB, so tasks are not dominated by overhead.
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, K * kNR));
-  at::parallel_for(0, row_groups(N), grain, [&](int64_t begin, int64_t end) {
+  if (first_group >= row_groups(N)) return;
+  at::parallel_for(first_group, row_groups(N), grain, [&](int64_t begin, int64_t end) {
     float out[kNR * 4];
     for (int64_t b = begin; b < end; ++b) {
       const Rows<T> w = rows_of(values, meta, N, K, b);
@@ -403,57 +408,37 @@ inline void decompress_word16(const uint16_t* v, uint64_t meta, uint16_t* d) {
   _mm512_storeu_si512(d + 32, _mm512_maskz_permutexvar_epi16(_mm512_testn_epi16_mask(hi, zero), hi, vals));
 }
 
-// While decompressing word i it prefetches word i + ahead_shift of `ahead` (decompress_panel says which).
+// The dense rows of a row group (nr rows, K columns) written to dst (row stride ld).
 template <typename T>
-void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld, int64_t i0, int64_t i1,
-                      const Rows<T>& ahead, int64_t ahead_shift) {
-  // Words [i0, i1) (and the tail when i1 reaches it) land at dst's column 0.
-  const int64_t full = K / kWord, width = K % kWord, end = std::min(i1, full);
+void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t ld) {
+  const int64_t full = K / kWord, width = K % kWord;
   // Word by word, then row by row: that is the order the tiled layout stores them in, one contiguous stream
   // (row by row over all words walked 4 strided streams and stalled on nearly every load).
-  for (int64_t i = i0; i < end; ++i) {
-    prefetch_word(ahead, i + ahead_shift);
+  for (int64_t i = 0; i < full; ++i) {
+    prefetch_word(w, i + kDecompressPrefetchWords);
     for (int64_t r = 0; r < nr; ++r) {
       const T* v = w.v + i * w.v_word + r * w.v_row;
       const uint64_t m = load_meta8(w.m + i * w.m_word + r * w.m_row);
-      T* d = dst + r * ld + (i - i0) * kWord;
+      T* d = dst + r * ld + i * kWord;
       if constexpr (sizeof(T) == 2)
         decompress_word16(reinterpret_cast<const uint16_t*>(v), m, reinterpret_cast<uint16_t*>(d));
       else
         decompress_span<T>(v, m, kWord, d);
     }
   }
-  if (width && i1 > full)
+  if (width)
     for (int64_t r = 0; r < nr; ++r)
-      decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width,
-                         dst + r * ld + (full - i0) * kWord);
+      decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, dst + r * ld + full * kWord);
 }
 
-// Row groups [g0, g1) decompressed one under the other into dst (row stride ld), words [i0, i1) of each;
-// returns the rows written.
-// Whole rows (i1 not given): each group prefetches its own stream kDecompressPrefetchWords ahead. A chunk of
-// words (i1 given) is only a few words per group, and the next group's words lie a row block away, so a
-// group's own stream ahead is the wrong thing to prefetch: each group prefetches the same words of
-// the group kChunkPrefetchGroups further on, and the last groups those of the first groups' next chunk. Against
-// prefetching its own stream (1 thread, five 1B/8B shapes, the two interleaved in one run): vLLM's GEMM time
-// over ours at 32 tokens 0.78-0.85x -> 0.82-0.88x, at 128 0.89-0.93x -> 0.90-0.94x, 512 and 2048 level; at
-// 2 threads 32 tokens 0.82-0.86x -> 0.86-0.90x. One group ahead gained about 1 point less.
-constexpr int64_t kChunkPrefetchGroups = 2;
-
+// Row groups [g0, g1) decompressed one under the other into dst (row stride ld); returns the rows written.
 template <typename T>
 int64_t decompress_panel(const T* vals, const uint8_t* mk, int64_t N, int64_t K, int64_t g0, int64_t g1, T* dst,
-                         int64_t ld, int64_t i0 = 0, int64_t i1 = INT64_MAX) {
+                         int64_t ld) {
   int64_t rows = 0;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t nr = rows_in_group(N, g);
-    const Rows<T> w = rows_of(vals, mk, N, K, g);
-    if (i1 == INT64_MAX) {
-      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1, w, kDecompressPrefetchWords);
-    } else {
-      const int64_t ga = g + kChunkPrefetchGroups;
-      const Rows<T> ahead = rows_of(vals, mk, N, K, ga < g1 ? ga : g0 + (ga - g1) % (g1 - g0));
-      decompress_group<T>(w, nr, K, dst + rows * ld, ld, i0, i1, ahead, ga < g1 ? 0 : i1 - i0);
-    }
+    decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, dst + rows * ld, ld);
     rows += nr;
   }
   return rows;
@@ -489,25 +474,43 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   });
 }
 
-// ---------------------------------------------------------------- from 28 tokens (bf16): dense tiles
-// The panels above hand each decompressed panel to `at::mm`, which re-lays it out for oneDNN on every call
-// and ran at 0.5-0.8x of vLLM's GEMM (whose weight oneDNN packs once at load) at M = 128. Here the panel feeds
-// a micro-kernel of our own that needs no re-layout of W: a vector lane is a token, and W's decompressed rows
-// are read as they come, one column pair (a u32) broadcast per row. x is brought once per call to tiles of
-// 16 TB tokens, column pair by column pair (xv[p][t]); 16 / TB rows of W x TB vectors of tokens are 16
-// accumulators, each column pair costing TB vector loads of x, 16 / TB broadcasts of W and 16 `vdpbf16ps`.
-// Alone on L1-resident data that loop runs at the core's peak (about 225 GMAC/s on one Zen 5 core). TB = 2
-// (32 tokens) needs fewer loads and takes all whole 32-token tiles; TB = 1 (16 tokens) takes the last tokens
-// (plan_tiles), but lost to the prefetching GEMV below 28 tokens, where it was first meant to run. K is cut in
-// chunks so that a tile's x stays in L1 while all rows of the panel pass over it, and the panel is decompressed chunk by chunk so that it stays in L2 whatever K is.
-constexpr int64_t kTilePairs = 256;      // column pairs per K chunk: 16 or 32 KiB of a tile's x
-constexpr int64_t kTilePanelRows = 256;  // rows of W a thread decompresses at once
-static_assert(2 * kTilePairs % kWord == 0, "a K chunk is whole words");
-constexpr int64_t kTileBlock = 64;       // tiles (2048 tokens) that share each decompressed chunk: c is 2 MiB
+// ---------------------------------------------------------------- row lanes: a vector lane per row of W
+// bf16 on CPUs with AVX512_BF16, from a few tokens up. A vector holds one group (4 columns) of 16 rows of W: lane
+// r the kept pair of row r, so one `vdpbf16ps` computes 16 rows' dot products with a token's group of x, and y
+// comes out as 16 consecutive fp32 outputs (no horizontal sum). x's group (8 bytes) is broadcast to every qword
+// and `vpshufb` picks each row's two kept columns out of it, with a control made from the row's nibble by one
+// `vpermd` table lookup. The pick runs beside the dot product (cpu_instructions.py: 0.39-0.45 ns per 32 kept
+// values against the dense loop's 0.55 and the dot product alone's 0.32, Zen 5), where the GEMV's `vpermt2w`
+// gather costs as much as the dot product it saves.
+// The weight stays in the layout of `retile_`; each thread turns 16 rows x one K chunk into lanes (a 16 x 16
+// dword transpose per word, into a buffer that stays in L2) and runs every token of the current block of x over
+// it, so the transpose is paid once per chunk and block of tokens. Against the GEMV below 28 tokens and the
+// dense tiles it replaced from 28 (a panel decompressed for a micro-kernel of ours with a token per lane), one
+// run, 1 thread, SmolLM2/1B/8B shapes: 0.90-1.07x at 8 tokens (two runs), 1.01-1.17x at 10, 1.07-1.21x at 16, 1.02-1.29x
+// at 32, 1.03-1.35x at 128, 1.02-1.26x at 512, 1.08-1.30x at 2048.
+// K chunk: 64 words (4096 columns), 128 KiB of lanes and controls. Against 16 words, interleaved in one run (1
+// thread, 1B/8B shapes at 16 and 32 tokens): 2-9 % faster; against all of K, level.
+constexpr int64_t kLaneWords = 64;
+// Tokens per block of x. With 128 tokens, 64 lost 2-14 % at 128 and 512 tokens; 256 (with 32-word chunks) was
+// 10 % ahead and 10 % behind on different shapes (1 thread, one run).
+constexpr int64_t kLaneTokens = 128;
+constexpr int64_t kLaneXBytes = 512 << 10;  // a block of x up to this size is read whole per row chunk (L2)
+
+// vpshufb control for a position nibble (p0 | p1 << 2): the dword {2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1}, which
+// picks a group's two kept columns out of its 4 columns of x.
+struct PickTable {
+  alignas(64) uint32_t ctrl[16];
+  PickTable() {
+    for (uint32_t n = 0; n < 16; ++n) {
+      const uint32_t p0 = n & 3, p1 = n >> 2;
+      ctrl[n] = (2 * p0) | (2 * p0 + 1) << 8 | (2 * p1) << 16 | (2 * p1 + 1) << 24;
+    }
+  }
+};
+const PickTable kPick;
 
 // In-register transpose of a 16 x 16 block of 32-bit elements: r[i] holds row i on entry, column i on return.
-// 64 shuffles for 256 elements; the gathers it replaced cost a `vpgatherdd` per 16 elements, and the gathers
-// of x and y were about 12 % of the tiles' time under `perf` (M = 128, a 2048 x 2048 weight).
+// 64 shuffles for 256 elements.
 inline void transpose16x16(__m512i r[16]) {
   __m512i t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -533,189 +536,151 @@ inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// The first `rows` rows and `cols` columns of the 32-bit block at src (rows `stride` elements apart; zeros
-// beyond), transposed: r[j] = column j. How the tiles bring x in and y out.
-inline void load_transposed(const uint32_t* src, int64_t stride, int64_t rows, int64_t cols, __m512i r[16]) {
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < rows ? _mm512_maskz_loadu_epi32(lanes16(cols), src + i * stride) : _mm512_setzero_si512();
-  transpose16x16(r);
-}
-
-// xv[p][t] = column pair p (two bf16 as a u32) of token m0 + t, for the 16 TB tokens of a tile (zero past M):
-// 16 tokens x 16 pairs at a time, loaded as rows of x and transposed in registers.
-template <int TB>
-void pack_tile(const uint32_t* x, int64_t M, int64_t P, int64_t m0, uint32_t* xv) {
-  constexpr int64_t T = 16 * TB;
-  for (int b = 0; b < TB; ++b) {
-    const int64_t t0 = m0 + 16 * b, nt = std::clamp<int64_t>(M - t0, 0, 16);
-    for (int64_t p0 = 0; p0 < P; p0 += 16) {
-      const int64_t np = std::min<int64_t>(16, P - p0);
-      __m512i r[16];
-      load_transposed(x + std::min(t0, M) * P + p0, P, nt, np, r);
-      for (int64_t p = 0; p < np; ++p) _mm512_storeu_si512(xv + (p0 + p) * T + 16 * b, r[p]);
+// Words [i0, i1) of the 16 rows from row 16 c (4 tiled blocks), and the K % 64 tail when `tail`, as lanes: wt[g]
+// holds group g's kept pair of each row (dword l: row l), ct[g] the pick control of each row's nibble.
+void lane_chunk(const uint16_t* values, const uint8_t* meta, int64_t K, int64_t c, int64_t i0, int64_t i1,
+                int64_t tail, uint32_t* wt, uint32_t* ct) {
+  const __m512i table = _mm512_load_si512(kPick.ctrl);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t bv = kNR * (K / 2), bm = kNR * (K / 8);  // a block further
+  const uint16_t* v0 = values + 4 * c * bv;
+  const uint8_t* m0 = meta + 4 * c * bm;
+  // The lanes of one word of the 16 rows (v: 32 values of each row; a, b: the metadata of rows 0-7, 8-15).
+  auto lanes = [&](int64_t width, __m512i v[16], __m512i a, __m512i b, int64_t o) {
+    transpose16x16(v);
+    // dword l of lo (hi): row l's nibbles of groups 0-7 (8-15)
+    const __m512i lo = _mm512_permutex2var_epi32(a, even, b), hi = _mm512_permutex2var_epi32(a, odd, b);
+    for (int64_t g = 0; g < width / 4; ++g) {
+      _mm512_storeu_si512(wt + 16 * (o + g), v[g]);
+      const __m512i nib = _mm512_srlv_epi32(g < 8 ? lo : hi, _mm512_set1_epi32(static_cast<int>(4 * (g % 8))));
+      _mm512_storeu_si512(ct + 16 * (o + g), _mm512_permutexvar_epi32(nib, table));  // vpermd reads 4 bits
     }
+  };
+  __m512i v[16];
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint16_t* vi = v0 + i * kNR * kWord / 2;
+    const uint8_t* mi = m0 + i * kNR * kWord / 8;  // a block's 4 rows of metadata: 32 contiguous bytes
+    for (int l = 0; l < 16; ++l) v[l] = _mm512_loadu_si512(vi + (l / kNR) * bv + (l % kNR) * kWord / 2);
+    auto two = [&](int q) {
+      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mi + q * bm))),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mi + (q + 1) * bm)), 1);
+    };
+    lanes(kWord, v, two(0), two(2), 16 * (i - i0));
   }
-}
-
-// c[r][t] (+)= sum over pc column pairs of W[r] . x[t] for 16 / TB rows: rows w + r * ld (u16, from the
-// chunk's first column), xv [pc][16 TB]; c [16 / TB][16 TB] fp32 is zeroed when `first`.
-template <int TB>
-__attribute__((target("avx512bf16"))) void tile_kernel(const uint16_t* w, int64_t ld, const uint32_t* xv, int64_t pc,
-                                                        float* c, bool first) {
-  constexpr int R = 16 / TB, T = 16 * TB;
-  __m512 acc[R][TB];
-  const uint32_t* wr[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    wr[r] = reinterpret_cast<const uint32_t*>(w + r * ld);
-#pragma GCC unroll 2
-    for (int b = 0; b < TB; ++b) acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * T + 16 * b);
-  }
-  for (int64_t p = 0; p < pc; ++p) {
-    __m512bh xr[TB];
-#pragma GCC unroll 2
-    for (int b = 0; b < TB; ++b) xr[b] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xv + p * T + 16 * b));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(wr[r][p])));
-#pragma GCC unroll 2
-      for (int b = 0; b < TB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, xr[b]);
+  if (tail) {  // 8 .. 56 columns per row, rows contiguous after each block's whole words
+    alignas(64) uint64_t m[16];
+    for (int l = 0; l < 16; ++l) {
+      const int64_t q = l / kNR, r = l % kNR;
+      v[l] = _mm512_maskz_loadu_epi16(lanes32(tail / 2), v0 + q * bv + (K / kWord) * kNR * kWord / 2 + r * (tail / 2));
+      m[l] = load_meta(m0 + q * bm + (K / kWord) * kNR * kWord / 8 + r * (tail / 8), tail / 8);
     }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int b = 0; b < TB; ++b) _mm512_storeu_ps(c + r * T + 16 * b, acc[r][b]);
-}
-
-// y[t][r] = c[r][t] as bf16 for the first `rows` rows and `mt` tokens (c rows are T floats apart): 16 rows x
-// 16 tokens at a time, transposed in registers.
-__attribute__((target("avx512bf16"))) void store_tile(const float* c, int64_t T, int64_t rows, int64_t mt, uint16_t* y,
-                                                       int64_t N) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const int64_t nr = std::min<int64_t>(16, rows - r0);
-    for (int64_t t0 = 0; t0 < mt; t0 += 16) {
-      const int64_t nt = std::min<int64_t>(16, mt - t0);
-      __m512i v[16];
-      load_transposed(reinterpret_cast<const uint32_t*>(c + r0 * T + t0), T, nr, nt, v);
-      for (int64_t t = 0; t < nt; ++t)
-        _mm256_mask_storeu_epi16(y + (t0 + t) * N + r0, lanes16(nr),
-                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[t]))));
-    }
+    lanes(tail, v, _mm512_load_si512(m), _mm512_load_si512(m + 8), 16 * (i1 - i0));
   }
 }
 
-// The tiles of M tokens: 32-token tiles (TB = 2), and the last 1-16 tokens in a 16-token tile (TB = 1), so that
-// no call computes more than 15 padding tokens; a remainder of 17-31 tokens takes a 32-token tile. With 32-token
-// tiles only, M = 48 computed 64 tokens and ran at 0.66-0.71x of vLLM's GEMM (0.83-0.91x with a 16-token tile
-// for the last 16), and M = 20 computed 32 (0.62-0.72x).
-struct Tile {
-  int64_t m0, tb, x_off;  // first token, 16-token vectors, offset of its packed x in xv (u32)
+// Cache lines fetched into L2 one at a time while a chunk of lanes computes: `lines` consecutive lines from each
+// of `blocks` bases `stride` bytes apart (the next chunk's words in each of its 4 tiled blocks).
+struct LinePrefetch {
+  const char* base = nullptr;
+  int64_t stride = 0, lines = 0, blocks = 0, line = 0, block = 0;
+  int64_t left() const { return (blocks - block) * lines - line; }
+  void next() {
+    _mm_prefetch(base + block * stride + 64 * line, _MM_HINT_T1);
+    if (++line == lines) line = 0, ++block;
+  }
 };
 
-std::vector<Tile> plan_tiles(int64_t M, int64_t P) {
-  std::vector<Tile> tiles;
-  for (int64_t m0 = 0, x_off = 0; m0 < M;) {
-    const int64_t tb = M - m0 > 16 ? 2 : 1;
-    tiles.push_back({m0, tb, x_off});
-    m0 += 16 * tb;
-    x_off += P * 16 * tb;
+// y[t][l] (+)= x[t] . W[l] over G groups, for MT tokens (xq[g][t]: token t's 4 columns of group g) and the 16
+// rows of a chunk of lanes; y (fp32) rows N apart, added to when `add`. Issues one of pf's lines per group.
+template <int MT>
+__attribute__((target("avx512bf16"))) void lane_kernel(const uint64_t* xq, int64_t G, const uint32_t* wt,
+                                                        const uint32_t* ct, float* y, int64_t N, bool add,
+                                                        LinePrefetch* pf) {
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = add ? _mm512_loadu_ps(y + t * N) : _mm512_setzero_ps();
+  const int64_t issue = pf ? std::min(G, pf->left()) : 0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (g < issue) pf->next();
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wt + 16 * g));
+    const __m512i c = _mm512_loadu_si512(ct + 16 * g);
+#pragma GCC unroll 16
+    for (int t = 0; t < MT; ++t) {
+      const __m512i xb = _mm512_shuffle_epi8(_mm512_set1_epi64(static_cast<long long>(xq[g * MT + t])), c);
+      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xb));
+    }
   }
-  return tiles;
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
 }
 
-void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const torch::Tensor& meta, torch::Tensor& y) {
-  const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0), P = K / 2;
-  if (M == 0) return;
-  const std::vector<Tile> plan = plan_tiles(M, P);
-  const int64_t tiles = static_cast<int64_t>(plan.size()), groups = row_groups(N);
-  const auto* xp = reinterpret_cast<const uint32_t*>(x2.data_ptr<c10::BFloat16>());
-  torch::Tensor xv = torch::empty({plan.back().x_off + P * 16 * plan.back().tb}, x2.options().dtype(torch::kInt32));
-  auto* xvp = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Tile& tile = plan[t];
-      if (tile.tb == 2) pack_tile<2>(xp, M, P, tile.m0, xvp + tile.x_off);
-      else pack_tile<1>(xp, M, P, tile.m0, xvp + tile.x_off);
+template <int... I>
+constexpr auto lane_kernels(std::integer_sequence<int, I...>) {
+  return std::array<decltype(&lane_kernel<1>), sizeof...(I)>{&lane_kernel<I + 1>...};
+}
+constexpr auto kLaneKernels = lane_kernels(std::make_integer_sequence<int, 16>{});  // [MT - 1]
+
+// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take chunks of 16 rows); the
+// caller runs the rest (at most 15 rows) on the GEMV.
+void row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+               float* y) {
+  const int64_t chunks = N / 16, G = K / 4, words = K / kWord, tail = K % kWord;
+  if (M == 0 || chunks == 0) return;
+  const int64_t kchunks = std::max<int64_t>(1, (words + kLaneWords - 1) / kLaneWords);
+  auto first_word = [&](int64_t k) { return k * kLaneWords; };
+  auto end_word = [&](int64_t k) { return std::min(words, (k + 1) * kLaneWords); };
+  // Groups of K chunk k: its words', and the tail's in the last one.
+  auto chunk_groups = [&](int64_t k) { return (k + 1 == kchunks ? G : end_word(k) * 16) - first_word(k) * 16; };
+  // x regrouped once per call: K chunk k's groups (from g0 = 16 first_word(k)) at xq + g0 * M, as passes of 16
+  // tokens, each [groups][tokens of the pass] (a group's 4 columns per token), the order the kernel reads.
+  // Kept between calls (grown, never shrunk): a fresh allocation this size is an mmap whose page faults cost
+  // more than the copy.
+  thread_local std::vector<uint64_t> xq;
+  if (static_cast<int64_t>(xq.size()) < M * G) xq.resize(M * G);
+  uint64_t* xqp = xq.data();
+  at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t / 16 * 16, mt = std::min<int64_t>(16, M - m0);
+      for (int64_t k = 0; k < kchunks; ++k) {
+        const int64_t g0 = 16 * first_word(k), gk = chunk_groups(k);
+        uint64_t* d = xqp + g0 * M + gk * m0 + (t - m0);
+        const uint16_t* xr = x + t * K + 4 * g0;
+        for (int64_t g = 0; g < gk; ++g) std::memcpy(d + g * mt, xr + 4 * g, 8);
+      }
     }
   });
-  // Row groups per panel: up to kTilePanelRows rows, and at least 4 panels per thread (or one group per panel)
-  // so that the threads share the rows evenly.
-  const int64_t by_threads = std::max<int64_t>(1, groups / (4 * at::get_num_threads()));
-  const int64_t per_panel = std::min(kTilePanelRows / kNR, by_threads);
-  const int64_t panels = (groups + per_panel - 1) / per_panel;
-  const int64_t cap = (per_panel * kNR + 15) / 16 * 16;  // rows, padded for both kernels
-  // Row stride of a decompressed chunk: its columns plus one cache line, so that the kernel's row streams do
-  // not fall in the same L1 sets.
-  const int64_t ld = 2 * kTilePairs + 32;
-  const int64_t block = std::min(tiles, kTileBlock);
-  const auto* vals = values.data_ptr<c10::BFloat16>();
-  const uint8_t* mk = meta.data_ptr<uint8_t>();
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread buffers kept between calls: a fresh allocation of this size is an mmap whose page faults
-    // (and zeroing) cost about as much as decompressing the panel.
-    thread_local std::vector<c10::BFloat16> scratch;
-    thread_local std::vector<float> c;
-    if (static_cast<int64_t>(scratch.size()) < cap * ld) scratch.resize(cap * ld);
-    if (static_cast<int64_t>(c.size()) < block * cap * 32) c.resize(block * cap * 32);
-    const auto* wp = reinterpret_cast<const uint16_t*>(scratch.data());
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
-      const int64_t n0 = first_row(N, g0), rows = first_row(N, g1 - 1) + rows_in_group(N, g1 - 1) - n0;
-      // Rows padded to a tile's strips: 8 rows at TB = 2, 16 at TB = 1 (padding all to 16 cost 2 threads 7 % on
-      // SmolLM2's 576-column layers, whose panels are 72 rows there).
-      const int64_t padded2 = (rows + 7) / 8 * 8, padded1 = (rows + 15) / 16 * 16;
-      std::memset(static_cast<void*>(scratch.data() + rows * ld), 0, (padded1 - rows) * ld * sizeof(c10::BFloat16));
-      // Per block of tiles, K chunk by K chunk: the chunk's rows are decompressed into scratch (L2-sized
-      // whatever K is) and every tile of the block passes over them, its chunk of x in L1 for all rows.
-      // Decompressing the whole panel first put it out of L2 for K in the thousands (3.5 MiB at K = 14336),
-      // and each tile block then read it back from L3: 0.80x of vLLM's GEMM on Llama-3-8B's down_proj.
-      for (int64_t b0 = 0; b0 < tiles; b0 += block) {
-        const int64_t b1 = std::min(tiles, b0 + block);
-        for (int64_t k0 = 0; k0 < P; k0 += kTilePairs) {
-          const int64_t pc = std::min(kTilePairs, P - k0), i0 = 2 * k0 / kWord;
-          decompress_panel<c10::BFloat16>(vals, mk, N, K, g0, g1, scratch.data(), ld, i0, i0 + 2 * kTilePairs / kWord);
-          // The packed words of the next chunk (this panel's, or the next panel's first) are fetched into L2
-          // while this chunk computes, a slice of row groups per row strip of the block's first tile, so that
-          // decompressing it does not wait on DRAM. Decompression ran ahead of the compute, in the same thread,
-          // and its own prefetch (two groups ahead) was too short for DRAM's latency. 1 thread, five 1B/8B
-          // shapes, vLLM's GEMM time over ours: 32 tokens 0.83-0.87x -> 0.90-0.98x, 64 0.85-0.91x -> 0.92-0.97x,
-          // 128 0.92-0.96x -> 0.94-0.98x. To L1 (`_MM_HINT_T0`) it gained nearly nothing: it evicts the tile's x.
-          int64_t ng0 = g0, ng1 = g1, ni0 = 2 * (k0 + kTilePairs) / kWord;
-          if (k0 + kTilePairs >= P) {
-            ng0 = g1;
-            ng1 = p + 1 < end ? std::min(groups, g1 + per_panel) : g1;
-            ni0 = 0;
-          }
-          const int64_t ni1 = std::min(K / kWord, ni0 + 2 * kTilePairs / kWord);
-          for (int64_t t = b0; t < b1; ++t) {
-            const Tile& tile = plan[t];
-            const int64_t T = 16 * tile.tb, R = 16 / tile.tb, padded = tile.tb == 2 ? padded2 : padded1;
-            const int64_t strips = padded / R;
-            const uint32_t* xt = xvp + tile.x_off + k0 * T;
-            float* ct = c.data() + (t - b0) * padded1 * 32;
-            // The next tile's chunk of x is fetched into L2 while this one computes, a slice per row strip:
-            // at 2048 tokens x (56 MiB at K = 14336) comes from DRAM, and each tile's first strip stalled on it.
-            const Tile& next = plan[t + 1 < b1 ? t + 1 : b0];
-            const int64_t kn = t + 1 < b1 ? k0 : k0 + kTilePairs, tn = 16 * next.tb;
-            const char* xn = reinterpret_cast<const char*>(xvp + next.x_off + kn * tn);
-            const int64_t lines = kn < P ? std::min(kTilePairs, P - kn) * tn * 4 / 64 : 0;
-            const int64_t per_strip = (lines + strips - 1) / strips;
-            for (int64_t r0 = 0, l = 0, s = 0; r0 < padded; r0 += R, ++s) {
-              for (const int64_t l1 = std::min(lines, l + per_strip); l < l1; ++l) _mm_prefetch(xn + 64 * l, _MM_HINT_T1);
-              if (t == b0)
-                for (int64_t q = ng0 + (ng1 - ng0) * s / strips, q1 = ng0 + (ng1 - ng0) * (s + 1) / strips; q < q1; ++q)
-                  for (int64_t i = ni0; i < ni1; ++i) prefetch_word<_MM_HINT_T1>(rows_of(vals, mk, N, K, q), i);
-              if (tile.tb == 2) tile_kernel<2>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
-              else tile_kernel<1>(wp + r0 * ld, ld, xt, pc, ct + r0 * T, k0 == 0);
-            }
-          }
-        }
-        for (int64_t t = b0; t < b1; ++t) {
-          const Tile& tile = plan[t];
-          const int64_t T = 16 * tile.tb;
-          store_tile(c.data() + (t - b0) * padded1 * 32, T, rows, std::min(T, M - tile.m0), yp + tile.m0 * N + n0, N);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> scratch;
+    const int64_t lane_words = std::min(words + (tail ? 1 : 0), kLaneWords + 1);
+    if (static_cast<int64_t>(scratch.size()) < 2 * lane_words * 256) scratch.resize(2 * lane_words * 256);
+    uint32_t* wt = scratch.data();
+    uint32_t* ct = wt + lane_words * 256;
+    const int64_t steps = (end - begin) * kchunks;
+    for (int64_t b0 = 0; b0 < M; b0 += kLaneTokens) {
+      const int64_t b1 = std::min(M, b0 + kLaneTokens);
+      // Row chunk by row chunk (each read once, in order) while the block of x fits in L2; else K chunk by K
+      // chunk, so that x's chunk stays in L2 while the rows go by.
+      const bool rows_outer = (b1 - b0) * K * 2 <= kLaneXBytes;
+      auto step = [&](int64_t s, int64_t& c, int64_t& k) {
+        c = begin + (rows_outer ? s / kchunks : s % (end - begin));
+        k = rows_outer ? s % kchunks : s / (end - begin);
+      };
+      for (int64_t s = 0; s < steps; ++s) {
+        int64_t c, k, cn, kn;
+        step(s, c, k);
+        step(s + 1 < steps ? s + 1 : 0, cn, kn);
+        const int64_t i0 = first_word(k), i1 = end_word(k);
+        lane_chunk(values, meta, K, c, i0, i1, k + 1 == kchunks ? tail : 0, wt, ct);
+        // The next step's words of its 4 blocks, fetched while this one computes (its metadata at once).
+        const int64_t j0 = first_word(kn), j1 = end_word(kn);
+        const char* nv = reinterpret_cast<const char*>(values + 16 * cn * (K / 2) + j0 * kNR * kWord / 2);
+        const char* nm = reinterpret_cast<const char*>(meta + 16 * cn * (K / 8) + j0 * kNR * kWord / 8);
+        for (int q = 0; q < 4; ++q)
+          for (int64_t o = 0; o < (j1 - j0) * kNR * kWord / 8; o += 64) _mm_prefetch(nm + q * kNR * (K / 8) + o, _MM_HINT_T1);
+        LinePrefetch pf{nv, kNR * K, (j1 - j0) * kNR * kWord * 2 / 64, 4};
+        for (int64_t m0 = b0; m0 < b1; m0 += 16) {
+          const int64_t mt = std::min<int64_t>(16, M - m0);
+          kLaneKernels[mt - 1](xqp + 16 * i0 * M + chunk_groups(k) * m0, chunk_groups(k), wt, ct,
+                               y + m0 * N + 16 * c, N, k > 0, m0 == b0 ? &pf : nullptr);
         }
       }
     }
@@ -723,10 +688,11 @@ void dense_tiles(const torch::Tensor& x2, const torch::Tensor& values, const tor
 }
 
 // ---------------------------------------------------------------- entry point
-// tiles_onednn: the bf16 tile range runs the `at::mm` panels instead (kernels/cpu/__init__.py, PREFILL_PATHS).
+// bf16 on CPUs with AVX512_BF16: the GEMV below lanes_min_m tokens, the row lanes from there, and from
+// onednn_min_m the `at::mm` panels (AMX CPUs; kernels/cpu/__init__.py, PREFILL_PATHS). Other dtypes: the GEMV
+// up to small_m_max tokens, the panels above.
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m,
-                     bool tiles_onednn) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m, int64_t onednn_min_m) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -740,11 +706,10 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   x2 = x2.to(dtype).contiguous();
   values = values.contiguous();
   meta = meta.contiguous();
-  const bool tiles = dtype == torch::kBFloat16 && cpu_has_avx512_bf16() && M >= tiles_min_m && M <= tiles_max_m;
-  if (tiles || M > small_m_max) {
+  const bool dp = dtype == torch::kBFloat16 && cpu_has_avx512_bf16();
+  if (dp ? M >= onednn_min_m : M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
-    if (tiles && !tiles_onednn) dense_tiles(x2, values, meta, y);
-    else if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
+    if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
     else if (dtype == torch::kBFloat16) large_m<c10::BFloat16>(x2, values, meta, y, panel_bytes);
     else large_m<c10::Half>(x2, values, meta, y, panel_bytes);
     if (bias.has_value()) y.add_(*bias);
@@ -753,10 +718,15 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   torch::Tensor acc = torch::empty({M, N}, x2.options().dtype(torch::kFloat));
   float* yp = acc.data_ptr<float>();
   const uint8_t* mk = meta.data_ptr<uint8_t>();
-  if (dtype == torch::kBFloat16 && cpu_has_avx512_bf16()) {
+  if (dp) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>());
     const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-    small_m<uint16_t, uint16_t>(xp, M, vp, mk, N, K, yp, dot_bf16<1>, dot_bf16<2>, dot_bf16<4>);
+    int64_t first_group = 0;  // the GEMV's share: all rows, or those after the lanes' chunks of 16
+    if (M >= lanes_min_m) {
+      row_lanes(xp, M, vp, mk, N, K, yp);
+      first_group = N / 16 * (16 / kNR);
+    }
+    small_m<uint16_t, uint16_t>(xp, M, vp, mk, N, K, yp, dot_bf16<1>, dot_bf16<2>, dot_bf16<4>, first_group);
   } else {
     torch::Tensor xf = x2.to(torch::kFloat).contiguous();
     const float* xp = xf.data_ptr<float>();
@@ -779,14 +749,12 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
 // The crossovers above, set at load from kernels/cpu/__init__.py (the one place they are measured and
 // written; no defaults here to drift from them).
 struct Dispatch {
-  int64_t small_m_max, panel_bytes, tiles_min_m, tiles_max_m;
-  bool tiles_onednn;
+  int64_t small_m_max, panel_bytes, lanes_min_m, onednn_min_m;
 };
 std::optional<Dispatch> g_dispatch;
 
-void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t tiles_min_m, int64_t tiles_max_m,
-                  bool tiles_onednn) {
-  g_dispatch = Dispatch{small_m_max, panel_bytes, tiles_min_m, tiles_max_m, tiles_onednn};
+void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m, int64_t onednn_min_m) {
+  g_dispatch = Dispatch{small_m_max, panel_bytes, lanes_min_m, onednn_min_m};
 }
 
 // The op's Python body (kernels/__init__.py, python_body), for backend codes this file does not run. Set once
@@ -816,7 +784,7 @@ torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, con
               "with bawa_vllm.kernels.cpu.load)");
   const Dispatch d = *g_dispatch;
   const torch::Tensor y = linear(x.reshape({-1, x.size(-1)}), values, meta, bias, d.small_m_max, d.panel_bytes,
-                                 d.tiles_min_m, d.tiles_max_m, d.tiles_onednn);
+                                 d.lanes_min_m, d.onednn_min_m);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);
@@ -843,8 +811,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_python_body", &set_python_body, "the op's Python body, for the backend codes the C++ kernel does not run");
   m.def("set_dispatch", &set_dispatch, "the crossovers of the op's CPU kernel (kernels/cpu/__init__.py)",
-        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("tiles_min_m"), py::arg("tiles_max_m"),
-        py::arg("tiles_onednn"));
+        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("lanes_min_m"), py::arg("onednn_min_m"));
   m.def("parallel_threads", &parallel_threads, py::call_guard<py::gil_scoped_release>());
 }
 
