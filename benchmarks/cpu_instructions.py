@@ -12,8 +12,11 @@ sequence (< 1: that sparse sequence could beat a dense GEMM running at the same 
 - ``dense``: two ``vdpbf16ps`` with a 32-bit broadcast load of W per dot product (the dense tiles' loop);
 - ``gather (vpermt2w)``: load x, ``vpermt2w`` x's 64 columns into the kept positions, one ``vdpbf16ps`` (the
   GEMV's loop);
-- ``row lanes (vpshufb)``: x's group of 4 columns already replicated per 128-bit lane, ``vpshufb`` picks the two
-  kept columns per lane, one ``vdpbf16ps``; ``+ broadcast`` does the replication with ``vbroadcasti64x4``;
+- ``pick (vpshufb)``: x's columns already replicated per 128-bit lane, ``vpshufb`` picks the two kept columns per
+  lane, one ``vdpbf16ps``; ``+ vbroadcasti64x4`` does the replication with a 256-bit broadcast;
+- ``row lanes (vpbroadcastq + vpshufb)``: the row lanes' loop (sparse24.cpp): a token's group of 4 columns
+  (8 bytes) broadcast to every qword, ``vpshufb`` picks each row's two kept columns, one ``vdpbf16ps`` for 16
+  rows;
 - ``dot product only``: the floor, one ``vdpbf16ps`` and a load.
 
 Needs g++ and a CPU with AVX512_BF16 (compiled with ``-march=native``). Writes ``cpu_instructions.json`` and
@@ -61,6 +64,7 @@ __attribute__((noinline)) float run(long iters) {
         if (MODE == 2) xb = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 32 * t), ix);
         if (MODE == 3) xb = _mm512_shuffle_epi8(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(p + 32 * t))), ix);
         if (MODE == 4) xb = _mm512_loadu_si512(p + 32 * t);
+        if (MODE == 5) xb = _mm512_shuffle_epi8(_mm512_set1_epi64(*(const long long*)(p + 8 * t)), ix);
         a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)w, (__m512bh)xb);
       }
     }
@@ -84,12 +88,13 @@ template <int MODE> double ns_per_step(long iters) {
 }
 int main() {
   const long iters = 4000000;
-  std::printf("%.4f %.4f %.4f %.4f %.4f\n", ns_per_step<0>(iters), ns_per_step<1>(iters), ns_per_step<2>(iters),
-              ns_per_step<3>(iters), ns_per_step<4>(iters));
+  std::printf("%.4f %.4f %.4f %.4f %.4f %.4f\n", ns_per_step<0>(iters), ns_per_step<1>(iters), ns_per_step<2>(iters),
+              ns_per_step<3>(iters), ns_per_step<4>(iters), ns_per_step<5>(iters));
 }
 """
 
-NAMES = ["dense", "gather (vpermt2w)", "row lanes (vpshufb)", "row lanes (vpshufb) + broadcast", "dot product only"]
+NAMES = ["dense", "gather (vpermt2w)", "pick (vpshufb)", "pick (vpshufb) + vbroadcasti64x4", "dot product only",
+         "row lanes (vpbroadcastq + vpshufb)"]
 
 
 def measure() -> dict[str, float]:

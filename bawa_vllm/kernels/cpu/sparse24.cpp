@@ -35,6 +35,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -475,7 +476,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 }
 
 // ---------------------------------------------------------------- row lanes: a vector lane per row of W
-// bf16 on CPUs with AVX512_BF16, from a few tokens up. A vector holds one group (4 columns) of 16 rows of W: lane
+// bf16 on CPUs with AVX512_BF16, from LANES_MIN_M tokens up. A vector holds one group (4 columns) of 16 rows of W: lane
 // r the kept pair of row r, so one `vdpbf16ps` computes 16 rows' dot products with a token's group of x, and y
 // comes out as 16 consecutive fp32 outputs (no horizontal sum). x's group (8 bytes) is broadcast to every qword
 // and `vpshufb` picks each row's two kept columns out of it, with a control made from the row's nibble by one
@@ -495,6 +496,7 @@ constexpr int64_t kLaneWords = 64;
 // 10 % ahead and 10 % behind on different shapes (1 thread, one run).
 constexpr int64_t kLaneTokens = 128;
 constexpr int64_t kLaneXBytes = 512 << 10;  // a block of x up to this size is read whole per row chunk (L2)
+constexpr int64_t kLaneKeepBytes = 4 << 20;  // x regrouped for up to this many bytes reuses a per-thread buffer
 
 // vpshufb control for a position nibble (p0 | p1 << 2): the dword {2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1}, which
 // picks a group's two kept columns out of its 4 columns of x.
@@ -632,11 +634,18 @@ void row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8
   auto chunk_groups = [&](int64_t k) { return (k + 1 == kchunks ? G : end_word(k) * 16) - first_word(k) * 16; };
   // x regrouped once per call: K chunk k's groups (from g0 = 16 first_word(k)) at xq + g0 * M, as passes of 16
   // tokens, each [groups][tokens of the pass] (a group's 4 columns per token), the order the kernel reads.
-  // Kept between calls (grown, never shrunk): a fresh allocation this size is an mmap whose page faults cost
-  // more than the copy.
-  thread_local std::vector<uint64_t> xq;
-  if (static_cast<int64_t>(xq.size()) < M * G) xq.resize(M * G);
-  uint64_t* xqp = xq.data();
+  // Up to kLaneKeepBytes it is kept between calls (a fresh allocation that size is an mmap whose page faults
+  // cost more than the copy at a few tokens); a larger one (prefill) is the call's own, not zeroed.
+  thread_local std::vector<uint64_t> kept;
+  std::unique_ptr<uint64_t[]> own;
+  uint64_t* xqp;
+  if (M * G * 8 <= kLaneKeepBytes) {
+    if (static_cast<int64_t>(kept.size()) < M * G) kept.resize(M * G);
+    xqp = kept.data();
+  } else {
+    own.reset(new uint64_t[M * G]);
+    xqp = own.get();
+  }
   at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t / 16 * 16, mt = std::min<int64_t>(16, M - m0);
