@@ -480,9 +480,9 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // r the kept pair of row r, so one `vdpbf16ps` computes 16 rows' dot products with a token's group of x, and y
 // comes out as 16 consecutive fp32 outputs (no horizontal sum). x's group (8 bytes) is broadcast to every qword
 // and `vpshufb` picks each row's two kept columns out of it, with a control made from the row's nibble by one
-// `vpermd` table lookup. The pick runs beside the dot product (cpu_instructions.py: 0.39-0.45 ns per 32 kept
-// values against the dense loop's 0.55 and the dot product alone's 0.32, Zen 5), where the GEMV's `vpermt2w`
-// gather costs as much as the dot product it saves.
+// `vpermd` table lookup. The pick runs beside the dot product (benchmarks/cpu_instructions.py, Zen 5: 0.38 ns
+// per 32 kept values, against the dense loop's 0.55 and the dot product alone's 0.32), where the GEMV's
+// `vpermt2w` gather costs as much as the dot product it saves (0.57).
 // The weight stays in the layout of `retile_`; each thread turns 16 rows x one K chunk into lanes (a 16 x 16
 // dword transpose per word, into a buffer that stays in L2) and runs every token of the current block of x over
 // it, so the transpose is paid once per chunk and block of tokens. Against the GEMV below 28 tokens and the
