@@ -255,6 +255,10 @@ def test_prefill_path_follows_amx_and_env(monkeypatch):
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX[:4])  # no AVX512_BF16: the kernel's panels, as it does itself
     assert cpu.prefill_path() == ("onednn", "the CPU lacks AVX512_BF16, which the lanes need")
     assert cpu.prefill_summary(*cpu.prefill_path()).startswith(f"bf16 from {cpu.SMALL_M_MAX + 1} tokens runs on oneDNN")
+    monkeypatch.setenv("BAWA_CPU_PREFILL", "lanes")  # asked for, but not on this CPU: the log says what runs
+    assert cpu.prefill_path() == ("onednn", "the CPU lacks AVX512_BF16, which the lanes need")
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)
+    assert cpu.prefill_path() == ("lanes", "BAWA_CPU_PREFILL")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "onednn")
     assert cpu.prefill_path() == ("onednn", "BAWA_CPU_PREFILL")
     monkeypatch.setenv("BAWA_CPU_PREFILL", "amx")

@@ -104,16 +104,18 @@ def prefill_path() -> tuple[str, str]:
     """(path, why) for bf16 from ONEDNN_MIN_M tokens (from SMALL_M_MAX + 1 on CPUs without AVX512_BF16); see
     PREFILL_PATHS."""
     name = os.environ.get("BAWA_CPU_PREFILL", "").strip().lower()
-    if name:
-        if name not in PREFILL_PATHS:
-            raise ValueError(f"BAWA_CPU_PREFILL={name!r}: choose one of {', '.join(PREFILL_PATHS)}")
-        return name, "BAWA_CPU_PREFILL"
+    if name and name not in PREFILL_PATHS:
+        raise ValueError(f"BAWA_CPU_PREFILL={name!r}: choose one of {', '.join(PREFILL_PATHS)}")
     try:
         flags = _cpu_flags()
     except OSError:
         flags = []
-    if "avx512_bf16" not in flags:  # the kernel checks this itself too: no lanes without vdpbf16ps
+    # The kernel checks this itself too: no lanes without vdpbf16ps, whatever BAWA_CPU_PREFILL asks (the log
+    # line then says what runs).
+    if "avx512_bf16" not in flags:
         return "onednn", _NO_BF16
+    if name:
+        return name, "BAWA_CPU_PREFILL"
     return ("onednn", "the CPU has AMX-BF16, which oneDNN uses") if "amx_bf16" in flags else ("lanes", "no AMX-BF16")
 
 
