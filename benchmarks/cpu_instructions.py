@@ -9,7 +9,7 @@ up with the kept values. This times those inner loops alone, on L1-resident data
 accumulators (so latency is hidden), and reports nanoseconds per 32 kept values and the ratio to the dense
 sequence (< 1: that sparse sequence could beat a dense GEMM running at the same efficiency):
 
-- ``dense``: two ``vdpbf16ps`` with a 32-bit broadcast load of W per dot product (the dense tiles' loop);
+- ``dense``: two ``vdpbf16ps`` with a 32-bit broadcast load of W per dot product (a dense GEMM's inner loop);
 - ``gather (vpermt2w)``: load x, ``vpermt2w`` x's 64 columns into the kept positions, one ``vdpbf16ps`` (the
   GEMV's loop);
 - ``pick (vpshufb)``: x's columns already replicated per 128-bit lane, ``vpshufb`` picks the two kept columns per
