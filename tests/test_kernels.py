@@ -286,9 +286,8 @@ def test_amx_sends_bf16_prefill_to_onednn_panels(monkeypatch, caplog):
     packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
     x = torch.randn(cpu.ONEDNN_MIN_M + 4, 520).bfloat16()
     try:
-        _force(monkeypatch, _cpu_flags=lambda: AMX[:5])  # AVX512_BF16, no AMX: the lanes
         monkeypatch.delenv("BAWA_CPU_PREFILL", raising=False)
-        cpu.apply_dispatch()
+        _force(monkeypatch, _cpu_flags=lambda: AMX[:5])  # AVX512_BF16, no AMX: the lanes
         lanes = packed(x)
         assert _mm_calls(lambda: packed(x)) == 0
         monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX)

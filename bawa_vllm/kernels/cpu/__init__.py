@@ -122,12 +122,11 @@ def prefill_path() -> tuple[str, str]:
 def prefill_summary(path: str, why: str) -> str:
     """What runs bf16 from a few tokens up, from which token count, and why (the load log line; gemm.py's
     report)."""
+    panels = "oneDNN on decompressed panels"
     if why == _NO_BF16:
-        return f"bf16 from {SMALL_M_MAX + 1} tokens runs on oneDNN on decompressed panels ({why})"
+        return f"bf16 from {SMALL_M_MAX + 1} tokens runs on {panels} ({why})"
     lanes = f"bf16 from {LANES_MIN_M} tokens runs on our AVX-512 row lanes"
-    if path == "onednn":
-        return f"{lanes}, from {ONEDNN_MIN_M} on oneDNN on decompressed panels ({why})"
-    return f"{lanes} ({why})"
+    return f"{lanes}, from {ONEDNN_MIN_M} on {panels} ({why})" if path == "onednn" else f"{lanes} ({why})"
 
 
 def load() -> ModuleType:

@@ -298,7 +298,6 @@ void dot_fp32(const float* const* xs, const Rows<T>& w, int64_t K, float* out) {
     for (int r = 0; r < kNR; ++r) out[m * kNR + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-
 bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
   return has;
@@ -621,12 +620,12 @@ constexpr auto lane_kernels(std::integer_sequence<int, I...>) {
 }
 constexpr auto kLaneKernels = lane_kernels(std::make_integer_sequence<int, 16>{});  // [MT - 1]
 
-// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take chunks of 16 rows); the
-// caller runs the rest (at most 15 rows) on the GEMV.
-void row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
-               float* y) {
+// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take chunks of 16 rows).
+// Returns the row groups (rows_of) it covered; the caller runs the rest (at most 15 rows) on the GEMV.
+int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                  float* y) {
   const int64_t chunks = N / 16, G = K / 4, words = K / kWord, tail = K % kWord;
-  if (M == 0 || chunks == 0) return;
+  if (M == 0 || chunks == 0) return 0;
   const int64_t kchunks = std::max<int64_t>(1, (words + kLaneWords - 1) / kLaneWords);
   auto first_word = [&](int64_t k) { return k * kLaneWords; };
   auto end_word = [&](int64_t k) { return std::min(words, (k + 1) * kLaneWords); };
@@ -694,6 +693,7 @@ void row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8
       }
     }
   });
+  return chunks * (16 / kNR);
 }
 
 // ---------------------------------------------------------------- entry point
@@ -730,11 +730,8 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   if (dp) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>());
     const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-    int64_t first_group = 0;  // the GEMV's share: all rows, or those after the lanes' chunks of 16
-    if (M >= lanes_min_m) {
-      row_lanes(xp, M, vp, mk, N, K, yp);
-      first_group = N / 16 * (16 / kNR);
-    }
+    // the GEMV's share: all rows, or those after the lanes' chunks of 16
+    const int64_t first_group = M >= lanes_min_m ? row_lanes(xp, M, vp, mk, N, K, yp) : 0;
     small_m<uint16_t, uint16_t>(xp, M, vp, mk, N, K, yp, dot_bf16<1>, dot_bf16<2>, dot_bf16<4>, first_group);
   } else {
     torch::Tensor xf = x2.to(torch::kFloat).contiguous();
