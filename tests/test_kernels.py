@@ -46,11 +46,11 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(5, 8), (33, 40), (64, 96), (48, 280), (130, 512), (7, 120), (22, 1096), (20, 4168)])
 def test_op_matches_dense_masked(dtype, n, k, monkeypatch):
-    """Every M regime, K tails of 8/16/24, with/without bias. bf16: the packed GEMV below cpu.LANES_MIN_M, row
-    lanes from there on every CPU (forced, as AMX CPUs send prefill to oneDNN): a last pass of 1 token (17, 33),
-    blocks of 128 tokens (129, 257, 2100), K in more than one chunk with a tail (4168 = 65 words + 8), rows after
-    the chunks of 16 (leftover blocks and single rows: 33, 130, 22, 20). Other dtypes: GEMV, and panels above
-    cpu.SMALL_M_MAX."""
+    """Every M regime, K tails of 8/16/24, with/without bias. bf16: row lanes at every M on every CPU with
+    AVX512_BF16 (forced, as AMX CPUs send prefill to oneDNN), their controls made as they go below 6 tokens and
+    stored from 6; a last pass of 1 token (17, 33), blocks of 128 tokens (129, 257, 2100), K in more than one
+    chunk with a tail (4168 = 65 words + 8), rows after the blocks of 16 for the GEMV (blocks of 4 and single
+    rows: 33, 130, 22, 20, 5, 7). Other dtypes: GEMV, and panels above cpu.SMALL_M_MAX."""
     w = _weight(n, k, dtype)
     values, meta = pack_24(w)
     packed = kernels.prepare(values.clone(), meta.clone(), backend=kernels.CPU)
@@ -58,8 +58,7 @@ def test_op_matches_dense_masked(dtype, n, k, monkeypatch):
     monkeypatch.setenv("BAWA_CPU_PREFILL", "lanes")
     try:
         cpu.apply_dispatch()
-        for m in (1, 3, cpu.LANES_MIN_M - 1, cpu.LANES_MIN_M, 16, 17, 33, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 129,
-                  257, 2100):
+        for m in (1, 3, 5, 6, 9, 16, 17, 33, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1, 129, 257, 2100):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
             bias = torch.randn(n).to(dtype)
             _check(packed(x, bias), x, w, bias)
@@ -81,44 +80,62 @@ def _force(monkeypatch, **attrs) -> None:
     cpu.apply_dispatch()
 
 
-def test_small_and_large_m_paths_agree(monkeypatch):
-    """The three bf16 paths run on the same input: forcing row lanes, then the panels, for M = 4 must give the
-    GEMV's answer (rows 96: six chunks of lanes and nothing left over; 100: four rows for the GEMV after them)."""
+def test_lanes_and_panels_agree(monkeypatch):
+    """bf16's two paths on the same input: the panels (forced from 1 token), which decompress the lanes layout
+    back to rows, give the lanes' answer (rows 96: six blocks of lanes and nothing left over; 100: four rows for
+    the GEMV after them)."""
     for n in (96, 100):
         w = _weight(n, 520, torch.bfloat16)
         packed = kernels.prepare(*pack_24(w), backend=kernels.CPU)
         x = torch.randn(4, 520).bfloat16()
-        gemv = packed(x)
-        _check(gemv, x, w, None)
+        lanes = packed(x)
+        _check(lanes, x, w, None)
         try:
-            _force(monkeypatch, LANES_MIN_M=1, prefill="lanes")
-            lanes = packed(x)
             _force(monkeypatch, ONEDNN_MIN_M=1, prefill="onednn")
             panel = packed(x)
         finally:
             monkeypatch.undo()
             cpu.apply_dispatch()
-        torch.testing.assert_close(gemv.float(), lanes.float(), rtol=2 ** -7, atol=2 ** -7)
-        torch.testing.assert_close(gemv.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(lanes.float(), panel.float(), rtol=2 ** -7, atol=2 ** -7)
 
 
-def _tiled(t: torch.Tensor, word: int, tail: int) -> torch.Tensor:
-    """Reference of the CPU layout's row tiling: blocks of 4 rows interleaved word by word (64 columns: 32 values,
-    8 metadata bytes), the K % 64 tail after the whole words, the N % 4 last rows row-major."""
+def _tiled(t: torch.Tensor, word: int, tail: int, rows: int = 4) -> torch.Tensor:
+    """Reference of the CPU layout's row tiling: blocks of `rows` rows interleaved word by word (64 columns: 32
+    values, 8 metadata bytes), the K % 64 tail after the whole words, the last rows (N % rows) row-major."""
     n, length = t.shape
-    blocks, words = n // 4, (length - tail) // word
-    head = t[: blocks * 4].reshape(blocks, 4, length)
-    whole = head[:, :, : words * word].reshape(blocks, 4, words, word).permute(0, 2, 1, 3).reshape(blocks, -1)
-    tiled = torch.cat([whole, head[:, :, words * word :].reshape(blocks, -1)], dim=1)
-    return torch.cat([tiled.reshape(-1), t[blocks * 4 :].reshape(-1)]).reshape(n, length)
+    blocks, words = n // rows, (length - tail) // word
+    head = t[: blocks * rows].reshape(blocks, rows, length)
+    whole = head[:, :, : words * word].reshape(blocks, rows, words, word).permute(0, 2, 1, 3)
+    rest = head[:, :, words * word :].reshape(blocks, rows * tail)
+    tiled = torch.cat([whole.reshape(blocks, rows * words * word), rest], dim=1)
+    return torch.cat([tiled.reshape(-1), t[blocks * rows :].reshape(-1)]).reshape(n, length)
 
 
-def test_one_packed_copy_in_tiled_layout():
-    """The layer keeps the on-disk values and metadata, rows re-tiled in place: 9/16 of the dense bytes, nothing else."""
-    n, k = 66, 296  # N % 4 rows and K % 64 columns (40) left over
-    w = _weight(n, k, torch.bfloat16)
+def _lanes(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference of the row lanes from row-major values (16-bit, N a multiple of 16): per block of 16 rows and
+    word, group g's kept pair (a dword) of row l at dword 16 g + l; the tail's groups likewise after the words."""
+    d = values.view(torch.int32)  # a dword per group
+    n, groups = d.shape
+    words, blocks = k // 64, d.reshape(n // 16, 16, groups)
+    whole = blocks[:, :, : words * 16].reshape(n // 16, 16, words, 16).permute(0, 2, 3, 1)
+    tail = blocks[:, :, words * 16 :].permute(0, 2, 1)
+    whole, tail = whole.reshape(n // 16, 256 * words), tail.reshape(n // 16, 16 * (groups - 16 * words))
+    return torch.cat([whole, tail], dim=1).reshape(n, groups).view(values.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_packed_copy_in_tiled_layout(dtype):
+    """The layer keeps the on-disk values and metadata, rows re-tiled in place: 9/16 of the dense bytes, nothing
+    else. bf16 on CPUs with AVX512_BF16: the first N // 16 * 16 rows as row lanes (metadata in blocks of 16 rows),
+    the rest as every other dtype, in blocks of 4 rows and then row-major."""
+    n, k = 70, 296  # 64 rows of lanes, a block of 4, 2 rows; K % 64 columns (40) left over
+    w = _weight(n, k, dtype)
     values, meta = pack_24(w)
-    expected_values, expected_meta = _tiled(values, 32, (k % 64) // 2), _tiled(meta, 8, (k % 64) // 8)
+    lanes = dtype == torch.bfloat16 and "avx512_bf16" in cpu._cpu_flags()
+    lr = n // 16 * 16 if lanes else 0
+    tv, tm = (k % 64) // 2, (k % 64) // 8
+    expected_values = torch.cat([_lanes(values[:lr], k), _tiled(values[lr:], 32, tv)])
+    expected_meta = torch.cat([_tiled(meta[:lr], 8, tm, rows=16), _tiled(meta[lr:], 8, tm)])
     packed = kernels.prepare(values, meta, backend=kernels.CPU)
     assert packed.values.data_ptr() == values.data_ptr() and packed.meta.data_ptr() == meta.data_ptr()  # in place
     held = sum(t.numel() * t.element_size() for t in packed.tensors().values())
@@ -296,7 +313,7 @@ def test_amx_sends_bf16_prefill_to_onednn_panels(monkeypatch, caplog):
         onednn = packed(x)
         assert _mm_calls(lambda: packed(x)) > 0
         assert _mm_calls(lambda: packed(x[:4])) == 0
-        assert _mm_calls(lambda: packed(x[: cpu.LANES_MIN_M])) == 0
+        assert _mm_calls(lambda: packed(x[: cpu.ONEDNN_MIN_M - 1])) == 0
     finally:
         monkeypatch.undo()
         cpu.apply_dispatch()

@@ -1,12 +1,13 @@
 """The ``cpu`` backend: an AVX-512 C++ kernel (``sparse24.cpp``) that reads the packed 2:4 weight directly.
 
 Layout kept per layer: the on-disk ``values [N, K/2]`` and ``meta [N, K/8]`` (2-bit positions), re-ordered at
-load in place (same tensors, shapes and bytes): rows interleaved in blocks of 4, word by word (64 columns: 32
-values, 8 metadata bytes), so that the kernel, which works on 4 rows at once, streams one contiguous run of
-values and one of metadata. For a few tokens the kernel gathers x to the kept values (``vpmultishiftqb`` +
-``vpermt2w``) rather than expanding the weights; from ``LANES_MIN_M`` tokens (bf16) each thread turns 16 rows at a
-time into "row lanes" (a vector lane per row) and picks x's kept columns per lane with ``vpshufb``; the C++ file
-says why. On CPUs with AMX-BF16 bf16 prefill goes to oneDNN instead (``PREFILL_PATHS``).
+load in place (same tensors, shapes and bytes). bf16 on CPUs with AVX512_BF16: "row lanes", blocks of 16 rows
+whose values are transposed so that one 64-byte vector holds a group's kept pair of each of the 16 rows; the
+kernel picks x's kept columns per lane with ``vpshufb``, at every token count. Other dtypes: rows interleaved in
+blocks of 4, word by word (64 columns: 32 values, 8 metadata bytes), so that the GEMV, which works on 4 rows at
+once, streams one contiguous run of values and one of metadata, and gathers x to the kept values
+(``vpmultishiftqb`` + ``vpermt2w``) rather than expanding the weights; the C++ file says why. On CPUs with
+AMX-BF16 bf16 prefill goes to oneDNN instead (``PREFILL_PATHS``).
 
 Building: the source is compiled with ``torch.utils.cpp_extension`` at first use into a per-user cache
 (``$BAWA_CACHE_DIR``, default ``~/.cache/bawa-vllm``), keyed by the source, torch version and flags, so a
@@ -44,11 +45,6 @@ _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512v
 # What the CPU must have (as /proc/cpuinfo names it): vpmultishiftqb is AVX512_VBMI, vpexpandw AVX512_VBMI2
 # (both in Ice Lake, Sapphire Rapids, Zen 4 and later).
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vbmi2", "fma", "f16c")
-# bf16 on CPUs with AVX512_BF16: from LANES_MIN_M tokens up, row lanes (sparse24.cpp); below, the packed GEMV.
-# The GEMV's time over the lanes' (1 thread, Zen 5, weights cycled past L3, the two interleaved in one run;
-# SmolLM2 gate_up, 1B qkv, 1B down, 8B o): M = 8: 0.91, 0.95, 1.07, 0.90; 9: 0.85, 1.00, 1.17, 1.01; 10: 1.04,
-# 1.01, 1.17, 1.05; 11: 1.05, 1.02, 1.05, 1.02; 12: 1.00, 1.10, 1.13, 1.01. So lanes from 10 tokens.
-LANES_MIN_M = 10
 # Other dtypes (and bf16 without AVX512_BF16): token counts up to this run the packed GEMV; above it, panels
 # are decompressed for `at::mm`.
 SMALL_M_MAX = 64
@@ -125,8 +121,8 @@ def prefill_summary(path: str, why: str) -> str:
     panels = "oneDNN on decompressed panels"
     if why == _NO_BF16:
         return f"bf16 from {SMALL_M_MAX + 1} tokens runs on {panels} ({why})"
-    lanes = f"bf16 from {LANES_MIN_M} tokens runs on our AVX-512 row lanes"
-    return f"{lanes}, from {ONEDNN_MIN_M} on {panels} ({why})" if path == "onednn" else f"{lanes} ({why})"
+    lanes = "bf16 runs on our AVX-512 row lanes"
+    return f"{lanes}, from {ONEDNN_MIN_M} tokens on {panels} ({why})" if path == "onednn" else f"{lanes} ({why})"
 
 
 def load() -> ModuleType:
@@ -208,7 +204,7 @@ def apply_dispatch() -> None:
     load; again after changing them, e.g. to force a path in a test)."""
     path, why = prefill_path()
     # Without AVX512_BF16 the kernel runs neither lanes nor the bf16 GEMV: SMALL_M_MAX applies, as to other dtypes.
-    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, LANES_MIN_M, ONEDNN_MIN_M if path == "onednn" else sys.maxsize)
+    load().set_dispatch(SMALL_M_MAX, PANEL_BYTES, ONEDNN_MIN_M if path == "onednn" else sys.maxsize)
     global _logged_prefill
     if _logged_prefill != (path, why):
         _logged_prefill = (path, why)

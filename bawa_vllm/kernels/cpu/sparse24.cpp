@@ -2,12 +2,16 @@
 //
 // The weight stays in the on-disk encoding (docs/FORMAT.md): values [N, K/2] (the 2 kept values of every
 // group of 4 columns, in order) and meta [N, K/8] (each group's positions p0 | p1 << 2, two groups a byte).
-// Only the order of the bytes changes at load (`retile_`, in place, same tensors and sizes): rows are
-// interleaved in blocks of 4 (kNR), word by word, a word being 64 columns = 32 values + 8 metadata bytes.
-// Block b holds, for each word, the 32 values of row 4b, then of 4b+1, 4b+2, 4b+3, and likewise 8 metadata
-// bytes per row; the K % 64 tail columns of a block follow its whole words the same way; the N % 4 last rows
-// stay row-major. The micro-kernel works on 4 rows at once, so it reads one contiguous stream of values and
-// one of metadata instead of eight (row-major ran at about half the bandwidth on DRAM-sized weights).
+// Only the order of the bytes changes at load (`retile_`, in place, same tensors and sizes), in one of two ways.
+// For the GEMV (other dtypes, and bf16 on CPUs without AVX512_BF16) rows are interleaved in blocks of 4 (kNR),
+// word by word, a word being 64 columns = 32 values + 8 metadata bytes. Block b holds, for each word, the 32
+// values of row 4b, then of 4b+1, 4b+2, 4b+3, and likewise 8 metadata bytes per row; the K % 64 tail columns of
+// a block follow its whole words the same way; the N % 4 last rows stay row-major. The micro-kernel works on 4
+// rows at once, so it reads one contiguous stream of values and one of metadata instead of eight (row-major ran
+// at about half the bandwidth on DRAM-sized weights). For the row lanes (bf16 on CPUs with AVX512_BF16) the
+// first N / 16 * 16 rows are interleaved the same way in blocks of 16, and each word's values of a block are
+// then transposed so that a group's kept pairs of the 16 rows are one 64-byte vector (below); the rows after
+// them are laid out as for the GEMV, which runs them.
 //
 // Gather, not expand: the 32 values of a word are exactly the operands of one `vdpbf16ps` if x is brought
 // to them. Lane i holds value i of group i/2, whose column is 4 (i/2) + p_i, and p_i is bit field 2i of the
@@ -17,12 +21,11 @@
 // about 5 cycles on Zen 5 and bounded the first version of this kernel). Other dtypes (fp32, fp16, and bf16
 // on CPUs without AVX512_BF16) gather in fp32 with `vpermt2ps`, 32 columns at a time, and FMA.
 //
-// Small M (decode, bf16 below LANES_MIN_M tokens, other dtypes up to SMALL_M_MAX): the GEMV above; each thread
-// takes a range of row blocks and streams their packed weight once for all M rows of x, 4 rows of x per pass.
-// From LANES_MIN_M tokens (bf16 on CPUs with AVX512_BF16): row lanes (below), a vector lane per row of W, x
-// picked by `vpshufb`, which costs less than the gather; they run all larger M too. Other dtypes above the
-// GEMV's range: panels decompressed for `at::mm`. No full dense copy ever exists. kernels/cpu/__init__.py has
-// the measured crossovers, and sends bf16 prefill to the panels on CPUs with AMX-BF16, where oneDNN's GEMM
+// bf16 on CPUs with AVX512_BF16: row lanes (below), a vector lane per row of W, x picked by `vpshufb`, which
+// costs less than the gather, at every token count. Other dtypes: the GEMV above up to SMALL_M_MAX tokens (each
+// thread takes a range of row blocks and streams their packed weight once for all M rows of x, 4 rows of x per
+// pass), and above it panels decompressed for `at::mm`. No full dense copy ever exists. kernels/cpu/__init__.py
+// has the measured crossovers, and sends bf16 prefill to the panels on CPUs with AMX-BF16, where oneDNN's GEMM
 // runs on AMX.
 //
 // Threads come from torch's intra-op pool (`at::parallel_for`), so vLLM's OpenMP thread binding applies.
@@ -58,25 +61,88 @@ inline uint64_t load_meta8(const uint8_t* p) {
 }
 
 // ---------------------------------------------------------------- layout: validation and row tiling
-// Interleaves the first N / kNR * kNR rows of `data` ([N, row_len] elements, row-major) block by block: per
-// word, `word` elements of each row of the block; the `tail` elements after the whole words likewise.
-// In place, with one block (kNR rows) of scratch per task.
+// Interleaves rows of `data` ([N, row_len] elements, row-major) in blocks of R rows (the first N / R * R rows):
+// per word, `word` elements of each row of the block; the `tail` elements after the whole words likewise.
+// In place, with one block of scratch per task.
 template <typename E>
-void tile_rows(E* data, int64_t N, int64_t row_len, int64_t word, int64_t tail) {
+void tile_rows(E* data, int64_t N, int64_t row_len, int64_t word, int64_t tail, int64_t R) {
   const int64_t words = (row_len - tail) / word;
-  at::parallel_for(0, N / kNR, 64, [&](int64_t begin, int64_t end) {
-    std::vector<E> block(kNR * row_len);
+  at::parallel_for(0, N / R, 64, [&](int64_t begin, int64_t end) {
+    std::vector<E> block(R * row_len);
     for (int64_t b = begin; b < end; ++b) {
-      E* dst = data + b * kNR * row_len;
-      std::memcpy(block.data(), dst, sizeof(E) * kNR * row_len);
+      E* dst = data + b * R * row_len;
+      std::memcpy(block.data(), dst, sizeof(E) * R * row_len);
       for (int64_t w = 0; w < words; ++w)
-        for (int r = 0; r < kNR; ++r)
-          std::memcpy(dst + (w * kNR + r) * word, block.data() + r * row_len + w * word, sizeof(E) * word);
-      for (int r = 0; r < kNR; ++r)
-        std::memcpy(dst + words * kNR * word + r * tail, block.data() + r * row_len + words * word, sizeof(E) * tail);
+        for (int64_t r = 0; r < R; ++r)
+          std::memcpy(dst + (w * R + r) * word, block.data() + r * row_len + w * word, sizeof(E) * word);
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(dst + words * R * word + r * tail, block.data() + r * row_len + words * word, sizeof(E) * tail);
     }
   });
 }
+
+// In-register transpose of a 16 x 16 block of 32-bit elements: r[i] holds row i on entry, column i on return.
+// 64 shuffles for 256 elements.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4q + j], 128-bit lane L: column 4L + j of rows 4q .. 4q + 3
+  __m512i u[16];
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  // column 4L + j = lane L of u[j], u[4 + j], u[8 + j], u[12 + j]
+  for (int j = 0; j < 4; ++j) {
+    const __m512i s0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), s1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), s3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+inline __mmask32 lanes32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1; }
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// The 16-bit values of `rows` rows (a multiple of 16) already tiled in blocks of 16, turned into row lanes: per
+// block and word, the 16 rows x 16 dwords (a dword = a group's kept pair) transposed so that dword l of vector
+// g is group g of row l; the tail's 16 rows x (tail / 4) dwords likewise, into tail / 4 vectors. Same bytes.
+void transpose_to_lanes(uint16_t* values, int64_t rows, int64_t K) {
+  const int64_t words = K / kWord, groups = (K % kWord) / 4;
+  at::parallel_for(0, rows / 16, 16, [&](int64_t begin, int64_t end) {
+    __m512i r[16];
+    for (int64_t b = begin; b < end; ++b) {
+      uint32_t* p = reinterpret_cast<uint32_t*>(values + b * 16 * (K / 2));
+      for (int64_t i = 0; i < words; ++i, p += 256) {
+        for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(p + 16 * l);
+        transpose16x16(r);
+        for (int g = 0; g < 16; ++g) _mm512_storeu_si512(p + 16 * g, r[g]);
+      }
+      if (groups) {
+        for (int l = 0; l < 16; ++l) r[l] = _mm512_maskz_loadu_epi32(lanes16(groups), p + groups * l);
+        transpose16x16(r);
+        for (int64_t g = 0; g < groups; ++g) _mm512_storeu_si512(p + 16 * g, r[g]);
+      }
+    }
+  });
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// Whether a weight of this dtype is kept as row lanes (bf16 on CPUs with AVX512_BF16, the only case the lanes
+// run); its first N / 16 * 16 rows then are.
+bool lanes_layout(c10::ScalarType dtype) { return dtype == torch::kBFloat16 && cpu_has_avx512_bf16(); }
+inline int64_t lane_rows(int64_t N) { return N / 16 * 16; }
 
 inline bool valid_nibble(int nib) { return (nib & 3) < (nib >> 2); }
 
@@ -97,10 +163,17 @@ std::vector<int64_t> retile_(torch::Tensor values, torch::Tensor meta) {
       if (!valid_nibble(row[j] >> 4)) return {r, 2 * j + 1};
     }
   }
-  const int64_t K = cols * 8, tail = K % kWord;
-  tile_rows<uint8_t>(data, rows, cols, kWord / 8, tail / 8);
-  if (values.element_size() == 2) tile_rows<uint16_t>(reinterpret_cast<uint16_t*>(values.data_ptr()), rows, K / 2, kWord / 2, tail / 2);
-  else tile_rows<uint32_t>(reinterpret_cast<uint32_t*>(values.data_ptr()), rows, K / 2, kWord / 2, tail / 2);
+  const int64_t K = cols * 8, tail = K % kWord, lr = lanes_layout(values.scalar_type()) ? lane_rows(rows) : 0;
+  // Blocks of 16 rows for the lanes, then blocks of kNR for the GEMV, the N % kNR last rows row-major.
+  tile_rows<uint8_t>(data, lr, cols, kWord / 8, tail / 8, 16);
+  tile_rows<uint8_t>(data + lr * cols, rows - lr, cols, kWord / 8, tail / 8, kNR);
+  auto tile = [&](auto* v) {
+    tile_rows(v, lr, K / 2, kWord / 2, tail / 2, 16);
+    tile_rows(v + lr * (K / 2), rows - lr, K / 2, kWord / 2, tail / 2, kNR);
+  };
+  if (values.element_size() == 2) tile(reinterpret_cast<uint16_t*>(values.data_ptr()));
+  else tile(reinterpret_cast<uint32_t*>(values.data_ptr()));
+  if (lr) transpose_to_lanes(reinterpret_cast<uint16_t*>(values.data_ptr()), lr, K);
   return {};
 }
 
@@ -195,9 +268,6 @@ inline __m512i gather_idx32(uint32_t meta) {
   const __m512i fields = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta)), shifts);
   return _mm512_add_epi32(_mm512_and_si512(fields, _mm512_set1_epi32(3)), base);
 }
-
-inline __mmask32 lanes32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1; }
-inline __mmask16 lanes16(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
 // 16 values (of `count`) as fp32, for each storage dtype.
 template <typename T> inline __m512 load_values(const T* v, int64_t count);
@@ -296,11 +366,6 @@ void dot_fp32(const float* const* xs, const Rows<T>& w, int64_t K, float* out) {
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < kNR; ++r) out[m * kNR + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
 }
 
 // y[M, N] (fp32) for small M: each task streams its row groups' packed weight once, for all M rows of x
@@ -431,15 +496,46 @@ void decompress_group(const Rows<T>& w, int64_t nr, int64_t K, T* dst, int64_t l
       decompress_span<T>(w.vt + r * w.vt_row, load_meta(w.mt + r * w.mt_row, width / 8), width, dst + r * ld + full * kWord);
 }
 
+// The 16 dense rows of lanes block c (K columns) written to dst (row stride ld): the lanes transposed back to
+// rows (transpose16x16 is its own inverse), each row's word then decompressed as above.
+void decompress_lanes(const uint16_t* values, const uint8_t* meta, int64_t K, int64_t c, uint16_t* dst, int64_t ld) {
+  const int64_t words = K / kWord, tail = K % kWord;
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(values + 16 * c * (K / 2));
+  const uint8_t* m = meta + 16 * c * (K / 8);
+  alignas(64) uint16_t rows[16][32];
+  __m512i r[16];
+  auto transposed = [&](int64_t groups) {
+    for (int l = 0; l < 16; ++l) r[l] = l < groups ? _mm512_loadu_si512(p + 16 * l) : _mm512_setzero_si512();
+    transpose16x16(r);
+    for (int l = 0; l < 16; ++l) _mm512_store_si512(rows[l], r[l]);
+  };
+  for (int64_t i = 0; i < words; ++i, p += 256, m += 128) {
+    transposed(16);
+    for (int l = 0; l < 16; ++l) decompress_word16(rows[l], load_meta8(m + 8 * l), dst + l * ld + i * kWord);
+  }
+  if (tail) {
+    transposed(tail / 4);
+    for (int l = 0; l < 16; ++l)
+      decompress_span<uint16_t>(rows[l], load_meta(m + l * (tail / 8), tail / 8), tail, dst + l * ld + words * kWord);
+  }
+}
+
 // Row groups [g0, g1) decompressed one under the other into dst (row stride ld); returns the rows written.
+// With `lanes` (lanes_layout) the groups of the first N / 16 * 16 rows come 4 to a block of lanes, and g0 and g1
+// there are multiples of 4.
 template <typename T>
 int64_t decompress_panel(const T* vals, const uint8_t* mk, int64_t N, int64_t K, int64_t g0, int64_t g1, T* dst,
-                         int64_t ld) {
+                         int64_t ld, bool lanes) {
   int64_t rows = 0;
-  for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t g = g0; g < g1;) {
+    if (lanes && g < lane_rows(N) / kNR) {
+      decompress_lanes(reinterpret_cast<const uint16_t*>(vals), mk, K, g / 4, reinterpret_cast<uint16_t*>(dst + rows * ld), ld);
+      rows += 16, g += 4;
+      continue;
+    }
     const int64_t nr = rows_in_group(N, g);
     decompress_group<T>(rows_of(vals, mk, N, K, g), nr, K, dst + rows * ld, ld);
-    rows += nr;
+    rows += nr, ++g;
   }
   return rows;
 }
@@ -450,7 +546,9 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
   const int64_t N = values.size(0), K = values.size(1) * 2, M = x2.size(0);
   const int64_t groups = row_groups(N);
   // Row groups per panel: the dense panel takes about `panel_bytes` (at least 4 groups).
-  const int64_t per_panel = std::max<int64_t>(4, panel_bytes / (K * static_cast<int64_t>(sizeof(T)) * kNR));
+  // (a multiple of 4: a block of lanes is decompressed whole)
+  const int64_t per_panel = std::max<int64_t>(4, panel_bytes / (K * static_cast<int64_t>(sizeof(T)) * kNR)) / 4 * 4;
+  const bool lanes = lanes_layout(values.scalar_type());
   const int64_t panels = (groups + per_panel - 1) / per_panel;
   const T* vals = values.data_ptr<T>();
   const uint8_t* mk = meta.data_ptr<uint8_t>();
@@ -466,7 +564,7 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
     for (int64_t p = begin; p < end; ++p) {
       const int64_t g0 = p * per_panel, g1 = std::min(groups, g0 + per_panel);
       const int64_t n0 = first_row(N, g0);
-      const int64_t rows = decompress_panel<T>(vals, mk, N, K, g0, g1, scratch.data_ptr<T>(), K);
+      const int64_t rows = decompress_panel<T>(vals, mk, N, K, g0, g1, scratch.data_ptr<T>(), K, lanes);
       auto out = part.narrow(1, 0, rows);
       at::mm_out(out, x2, scratch.narrow(0, 0, rows).t());
       y.narrow(1, n0, rows).copy_(out);
@@ -475,26 +573,26 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 }
 
 // ---------------------------------------------------------------- row lanes: a vector lane per row of W
-// bf16 on CPUs with AVX512_BF16, from LANES_MIN_M tokens up. A vector holds one group (4 columns) of 16 rows of W: lane
-// r the kept pair of row r, so one `vdpbf16ps` computes 16 rows' dot products with a token's group of x, and y
-// comes out as 16 consecutive fp32 outputs (no horizontal sum). x's group (8 bytes) is broadcast to every qword
-// and `vpshufb` picks each row's two kept columns out of it, with a control made from the row's nibble by one
-// `vpermd` table lookup. The pick runs beside the dot product (benchmarks/cpu_instructions.py, Zen 5: 0.38 ns
-// per 32 kept values, against the dense loop's 0.55 and the dot product alone's 0.32), where the GEMV's
-// `vpermt2w` gather costs as much as the dot product it saves (0.57).
-// The weight stays in the layout of `retile_`; each thread turns 16 rows x one K chunk into lanes (a 16 x 16
-// dword transpose per word, into a buffer that stays in L2) and runs every token of the current block of x over
-// it, so the transpose is paid once per chunk and block of tokens. Against the GEMV below 28 tokens and the
-// dense tiles it replaced from 28 (a panel decompressed for a micro-kernel of ours with a token per lane), one
-// run, 1 thread, SmolLM2/1B/8B shapes: 0.90-1.07x at 8 tokens (two runs), 1.01-1.17x at 10, 1.07-1.21x at 16, 1.02-1.29x
-// at 32, 1.03-1.35x at 128, 1.02-1.26x at 512, 1.08-1.30x at 2048.
-// K chunk: 64 words (4096 columns), 128 KiB of lanes and controls. Against 16 words, interleaved in one run (1
-// thread, 1B/8B shapes at 16 and 32 tokens): 2-9 % faster; against all of K, level.
+// bf16 on CPUs with AVX512_BF16, at every token count below the oneDNN panels (AMX CPUs). A vector holds one
+// group (4 columns) of 16 rows of W: lane r the kept pair of row r, so one `vdpbf16ps` computes 16 rows' dot
+// products with a token's group of x, and y comes out as 16 consecutive fp32 outputs (no horizontal sum). x's
+// group (8 bytes) is broadcast to every qword and `vpshufb` picks each row's two kept columns out of it, with a
+// control made from the row's nibble by one `vpermd` table lookup. The pick runs beside the dot product
+// (benchmarks/cpu_instructions.py, Zen 5: 0.38 ns per 32 kept values, against the dense loop's 0.55 and the dot
+// product alone's 0.32), where the GEMV's `vpermt2w` gather costs as much as the dot product it saves (0.57).
+// The weight is kept as lanes (`retile_`, transpose_to_lanes): a block of 16 rows is one contiguous run of
+// groups, 64 bytes each, read as they are. The lanes used to be made per call from the GEMV's 4-row layout (a
+// 16 x 16 transpose per word), which only paid from 10 tokens; kept as lanes, against that (vLLM's GEMM time
+// over ours in two runs of benchmarks/gemm.py, 1 thread, the eight 1B/8B shapes): 1 token 1.78-2.12x ->
+// 2.15-2.68x, 4 tokens 0.88-1.05x -> 1.41-1.87x, 8 tokens 0.97-1.08x -> 1.37-1.79x, 16 tokens 0.91-1.07x ->
+// 1.13-1.46x (the figures at 32 and more tokens are in README.md).
+// K chunk: 64 words (4096 columns). Against 16 words, interleaved in one run (1 thread, 1B/8B shapes at 16 and
+// 32 tokens, lanes made per call): 2-9 % faster; against all of K, level.
 constexpr int64_t kLaneWords = 64;
 // Tokens per block of x. With 128 tokens, 64 lost 2-14 % at 128 and 512 tokens; 256 (with 32-word chunks) was
-// 10 % ahead and 10 % behind on different shapes (1 thread, one run).
+// 10 % ahead and 10 % behind on different shapes (1 thread, one run, lanes made per call).
 constexpr int64_t kLaneTokens = 128;
-constexpr int64_t kLaneXBytes = 512 << 10;  // a block of x up to this size is read whole per row chunk (L2)
+constexpr int64_t kLaneXBytes = 512 << 10;  // a block of x up to this size is read whole per block of rows (L2)
 constexpr int64_t kLaneKeepBytes = 4 << 20;  // x regrouped for up to this many bytes reuses a per-thread buffer
 
 // vpshufb control for a position nibble (p0 | p1 << 2): the dword {2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1}, which
@@ -510,106 +608,86 @@ struct PickTable {
 };
 const PickTable kPick;
 
-// In-register transpose of a 16 x 16 block of 32-bit elements: r[i] holds row i on entry, column i on return.
-// 64 shuffles for 256 elements.
-inline void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // u[4q + j], 128-bit lane L: column 4L + j of rows 4q .. 4q + 3
-  __m512i u[16];
-  for (int q = 0; q < 4; ++q) {
-    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
-    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
-  }
-  // column 4L + j = lane L of u[j], u[4 + j], u[8 + j], u[12 + j]
-  for (int j = 0; j < 4; ++j) {
-    const __m512i s0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), s1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), s3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
-    r[4 + j] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
-  }
-}
-
-// Words [i0, i1) of the 16 rows from row 16 c (4 tiled blocks), and the K % 64 tail when `tail`, as lanes: wt[g]
-// holds group g's kept pair of each row (dword l: row l), ct[g] the pick control of each row's nibble.
-void lane_chunk(const uint16_t* values, const uint8_t* meta, int64_t K, int64_t c, int64_t i0, int64_t i1,
-                int64_t tail, uint32_t* wt, uint32_t* ct) {
-  const __m512i table = _mm512_load_si512(kPick.ctrl);
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const int64_t bv = kNR * (K / 2), bm = kNR * (K / 8);  // a block further
-  const uint16_t* v0 = values + 4 * c * bv;
-  const uint8_t* m0 = meta + 4 * c * bm;
-  // The lanes of one word of the 16 rows (v: 32 values of each row; a, b: the metadata of rows 0-7, 8-15).
-  auto lanes = [&](int64_t width, __m512i v[16], __m512i a, __m512i b, int64_t o) {
-    transpose16x16(v);
-    // dword l of lo (hi): row l's nibbles of groups 0-7 (8-15)
-    const __m512i lo = _mm512_permutex2var_epi32(a, even, b), hi = _mm512_permutex2var_epi32(a, odd, b);
-    for (int64_t g = 0; g < width / 4; ++g) {
-      _mm512_storeu_si512(wt + 16 * (o + g), v[g]);
-      const __m512i nib = _mm512_srlv_epi32(g < 8 ? lo : hi, _mm512_set1_epi32(static_cast<int>(4 * (g % 8))));
-      _mm512_storeu_si512(ct + 16 * (o + g), _mm512_permutexvar_epi32(nib, table));  // vpermd reads 4 bits
-    }
-  };
-  __m512i v[16];
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint16_t* vi = v0 + i * kNR * kWord / 2;
-    const uint8_t* mi = m0 + i * kNR * kWord / 8;  // a block's 4 rows of metadata: 32 contiguous bytes
-    for (int l = 0; l < 16; ++l) v[l] = _mm512_loadu_si512(vi + (l / kNR) * bv + (l % kNR) * kWord / 2);
-    auto two = [&](int q) {
-      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mi + q * bm))),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mi + (q + 1) * bm)), 1);
-    };
-    lanes(kWord, v, two(0), two(2), 16 * (i - i0));
-  }
-  if (tail) {  // 8 .. 56 columns per row, rows contiguous after each block's whole words
-    alignas(64) uint64_t m[16];
-    for (int l = 0; l < 16; ++l) {
-      const int64_t q = l / kNR, r = l % kNR;
-      v[l] = _mm512_maskz_loadu_epi16(lanes32(tail / 2), v0 + q * bv + (K / kWord) * kNR * kWord / 2 + r * (tail / 2));
-      m[l] = load_meta(m0 + q * bm + (K / kWord) * kNR * kWord / 8 + r * (tail / 8), tail / 8);
-    }
-    lanes(tail, v, _mm512_load_si512(m), _mm512_load_si512(m + 8), 16 * (i1 - i0));
-  }
-}
-
-// Cache lines fetched into L2 one at a time while a chunk of lanes computes: `lines` consecutive lines from each
-// of `blocks` bases `stride` bytes apart (the next chunk's words in each of its 4 tiled blocks).
+// Cache lines fetched into L2 one at a time while a step of the lanes computes (the next step's values).
 struct LinePrefetch {
   const char* base = nullptr;
-  int64_t stride = 0, lines = 0, blocks = 0, line = 0, block = 0;
-  int64_t left() const { return (blocks - block) * lines - line; }
-  void next() {
-    _mm_prefetch(base + block * stride + 64 * line, _MM_HINT_T1);
-    if (++line == lines) line = 0, ++block;
-  }
+  int64_t lines = 0, line = 0;
+  int64_t left() const { return lines - line; }
+  void next() { _mm_prefetch(base + 64 * line++, _MM_HINT_T1); }
 };
 
-// y[t][l] (+)= x[t] . W[l] over G groups, for MT tokens (xq[g][t]: token t's 4 columns of group g) and the 16
-// rows of a chunk of lanes; y (fp32) rows N apart, added to when `add`. Issues one of pf's lines per group.
+// Where a kernel call finds the pick controls of a block of lanes: made by lane_controls into ct (16 dwords a
+// group: dword l the control of row l's nibble), or, with ct null, made from the metadata as it goes: mw the
+// whole words' (128 bytes a word: 8 per row), mt the tail's (tail / 8 bytes per row, tail 0 .. 56 columns).
+struct LaneMeta {
+  const uint32_t* ct;
+  const uint8_t* mw;
+  int64_t words;
+  const uint8_t* mt;
+  int64_t tail;
+};
+
+// Word i's groups of lm (16; the tail's when i == lm.words) as nibbles: dword l of lo (hi) holds row l's
+// nibbles of groups 0-7 (8-15). Returns the word's group count.
+inline int64_t word_nibbles(const LaneMeta& lm, int64_t i, __m512i& lo, __m512i& hi) {
+  __m512i a, b;  // the metadata of rows 0-7 and 8-15, a qword per row
+  if (i < lm.words) {
+    a = _mm512_loadu_si512(lm.mw + 128 * i), b = _mm512_loadu_si512(lm.mw + 128 * i + 64);
+  } else {
+    if (!lm.tail) return 0;
+    alignas(64) uint64_t m[16];
+    for (int l = 0; l < 16; ++l) m[l] = load_meta(lm.mt + l * (lm.tail / 8), lm.tail / 8);
+    a = _mm512_load_si512(m), b = _mm512_load_si512(m + 8);
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  lo = _mm512_permutex2var_epi32(a, even, b);
+  hi = _mm512_permutex2var_epi32(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+  return i < lm.words ? 16 : lm.tail / 4;
+}
+// Group g's controls (g < 16 of its word): vpermd reads 4 bits of each dword.
+inline __m512i group_controls(__m512i lo, __m512i hi, int64_t g, __m512i table) {
+  return _mm512_permutexvar_epi32(_mm512_srlv_epi32(g < 8 ? lo : hi, _mm512_set1_epi32(static_cast<int>(4 * (g % 8)))), table);
+}
+
+// The controls of lm's groups into ct, made once per block and K chunk for every token of the block of x, from
+// kStoredControlsMinM tokens; below, the kernel makes them as it goes, which costs less than the stores and
+// loads of a few tokens. 3072 x 2048 bf16, 1 thread, stored over made-as-it-goes time (two runs): 1 token 1.4-1.6x,
+// 2 tokens 1.3-1.8x, 4 tokens 1.0-1.6x, 6 tokens 0.87-0.97x, 8 tokens 0.89x, 16 tokens 0.84-0.87x, and made
+// in the kernel for each pass of 16, 128 tokens ran 1.5x slower.
+constexpr int64_t kStoredControlsMinM = 6;
+void lane_controls(const LaneMeta& lm, uint32_t* ct) {
+  const __m512i table = _mm512_load_si512(kPick.ctrl);
+  __m512i lo, hi;
+  for (int64_t i = 0; i <= lm.words; ++i)
+    for (int64_t g = 0, ng = word_nibbles(lm, i, lo, hi); g < ng; ++g, ct += 16)
+      _mm512_storeu_si512(ct, group_controls(lo, hi, g, table));
+}
+
+// y[t][l] (+)= x[t] . W[l] for MT tokens (xq[g][t]: token t's 4 columns of group g) and the 16 rows of a block
+// of lanes (wt: 16 dwords a group, from the range's first) over lm's groups; y (fp32) rows N apart, added to
+// when `add`. Issues one of pf's lines per group.
 template <int MT>
-__attribute__((target("avx512bf16"))) void lane_kernel(const uint64_t* xq, int64_t G, const uint32_t* wt,
-                                                        const uint32_t* ct, float* y, int64_t N, bool add,
-                                                        LinePrefetch* pf) {
+__attribute__((target("avx512bf16"))) void lane_kernel(const uint64_t* xq, const uint32_t* wt, const LaneMeta& lm,
+                                                        float* y, int64_t N, bool add, LinePrefetch* pf) {
   __m512 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = add ? _mm512_loadu_ps(y + t * N) : _mm512_setzero_ps();
-  const int64_t issue = pf ? std::min(G, pf->left()) : 0;
-  for (int64_t g = 0; g < G; ++g) {
-    if (g < issue) pf->next();
-    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wt + 16 * g));
-    const __m512i c = _mm512_loadu_si512(ct + 16 * g);
+  const __m512i table = _mm512_load_si512(kPick.ctrl);
+  int64_t issue = pf ? pf->left() : 0, g0 = 0;
+  for (int64_t i = 0; i <= lm.words; ++i) {
+    __m512i lo, hi;
+    const int64_t ng = lm.ct ? (i < lm.words ? 16 : lm.tail / 4) : word_nibbles(lm, i, lo, hi);
+    for (int64_t g = 0; g < ng; ++g) {
+      if (issue > 0) pf->next(), --issue;
+      const __m512i c = lm.ct ? _mm512_loadu_si512(lm.ct + 16 * (g0 + g)) : group_controls(lo, hi, g, table);
+      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wt + 16 * (g0 + g)));
+      const uint64_t* xg = xq + (g0 + g) * MT;
 #pragma GCC unroll 16
-    for (int t = 0; t < MT; ++t) {
-      const __m512i xb = _mm512_shuffle_epi8(_mm512_set1_epi64(static_cast<long long>(xq[g * MT + t])), c);
-      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xb));
+      for (int t = 0; t < MT; ++t) {
+        const __m512i xb = _mm512_shuffle_epi8(_mm512_set1_epi64(static_cast<long long>(xg[t])), c);
+        acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xb));
+      }
     }
+    g0 += ng;
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
 }
@@ -620,12 +698,12 @@ constexpr auto lane_kernels(std::integer_sequence<int, I...>) {
 }
 constexpr auto kLaneKernels = lane_kernels(std::make_integer_sequence<int, 16>{});  // [MT - 1]
 
-// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take chunks of 16 rows).
+// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take blocks of 16 rows).
 // Returns the row groups (rows_of) it covered; the caller runs the rest (at most 15 rows) on the GEMV.
 int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
                   float* y) {
-  const int64_t chunks = N / 16, G = K / 4, words = K / kWord, tail = K % kWord;
-  if (M == 0 || chunks == 0) return 0;
+  const int64_t blocks = N / 16, G = K / 4, words = K / kWord, tail = K % kWord;
+  if (M == 0 || blocks == 0) return blocks * (16 / kNR);
   const int64_t kchunks = std::max<int64_t>(1, (words + kLaneWords - 1) / kLaneWords);
   auto first_word = [&](int64_t k) { return k * kLaneWords; };
   auto end_word = [&](int64_t k) { return std::min(words, (k + 1) * kLaneWords); };
@@ -656,17 +734,23 @@ int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const ui
       }
     }
   });
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<uint32_t> scratch;
-    const int64_t lane_words = std::min(words + (tail ? 1 : 0), kLaneWords + 1);
-    if (static_cast<int64_t>(scratch.size()) < 2 * lane_words * 256) scratch.resize(2 * lane_words * 256);
-    uint32_t* wt = scratch.data();
-    uint32_t* ct = wt + lane_words * 256;
+  // Block c's values from word i (a word is 256 dwords), its metadata from word i (128 bytes a word), and the
+  // bytes of values and of metadata of K chunk k.
+  auto block_values = [&](int64_t c, int64_t i) { return reinterpret_cast<const uint32_t*>(values + 16 * c * (K / 2)) + 256 * i; };
+  auto block_meta = [&](int64_t c, int64_t i) { return meta + 16 * c * (K / 8) + 128 * i; };
+  auto chunk_bytes = [&](int64_t k, int64_t per_word, int64_t per_tail) {
+    return (end_word(k) - first_word(k)) * per_word + (k + 1 == kchunks ? per_tail : 0);
+  };
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> controls;
+    const int64_t most = 16 * std::max(chunk_groups(0), chunk_groups(kchunks - 1));
+    if (static_cast<int64_t>(controls.size()) < most) controls.resize(most);
+    uint32_t* ct = controls.data();
     const int64_t steps = (end - begin) * kchunks;
     for (int64_t b0 = 0; b0 < M; b0 += kLaneTokens) {
       const int64_t b1 = std::min(M, b0 + kLaneTokens);
-      // Row chunk by row chunk (each read once, in order) while the block of x fits in L2; else K chunk by K
-      // chunk, so that x's chunk stays in L2 while the rows go by.
+      // Block by block (each read once, in order) while the block of x fits in L2; else K chunk by K chunk,
+      // so that x's chunk stays in L2 while the rows go by.
       const bool rows_outer = (b1 - b0) * K * 2 <= kLaneXBytes;
       auto step = [&](int64_t s, int64_t& c, int64_t& k) {
         c = begin + (rows_outer ? s / kchunks : s % (end - begin));
@@ -676,32 +760,34 @@ int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const ui
         int64_t c, k, cn, kn;
         step(s, c, k);
         step(s + 1 < steps ? s + 1 : 0, cn, kn);
+        // The next step's values, fetched a line per group while this one computes (its metadata at once).
+        const char* nm = reinterpret_cast<const char*>(block_meta(cn, first_word(kn)));
+        for (int64_t o = 0; o < chunk_bytes(kn, 128, 2 * tail); o += 64) _mm_prefetch(nm + o, _MM_HINT_T1);
+        LinePrefetch pf{reinterpret_cast<const char*>(block_values(cn, first_word(kn))),
+                        (chunk_bytes(kn, 1024, 16 * tail) + 63) / 64};
         const int64_t i0 = first_word(k), i1 = end_word(k);
-        lane_chunk(values, meta, K, c, i0, i1, k + 1 == kchunks ? tail : 0, wt, ct);
-        // The next step's words of its 4 blocks, fetched while this one computes (its metadata at once).
-        const int64_t j0 = first_word(kn), j1 = end_word(kn);
-        const char* nv = reinterpret_cast<const char*>(values + 16 * cn * (K / 2) + j0 * kNR * kWord / 2);
-        const char* nm = reinterpret_cast<const char*>(meta + 16 * cn * (K / 8) + j0 * kNR * kWord / 8);
-        for (int q = 0; q < 4; ++q)
-          for (int64_t o = 0; o < (j1 - j0) * kNR * kWord / 8; o += 64) _mm_prefetch(nm + q * kNR * (K / 8) + o, _MM_HINT_T1);
-        LinePrefetch pf{nv, kNR * K, (j1 - j0) * kNR * kWord * 2 / 64, 4};
+        LaneMeta lm{nullptr, block_meta(c, i0), i1 - i0, block_meta(c, words), k + 1 == kchunks ? tail : 0};
+        if (b1 - b0 >= kStoredControlsMinM) {
+          lane_controls(lm, ct);
+          lm.ct = ct;
+        }
         for (int64_t m0 = b0; m0 < b1; m0 += 16) {
           const int64_t mt = std::min<int64_t>(16, M - m0);
-          kLaneKernels[mt - 1](xqp + 16 * i0 * M + chunk_groups(k) * m0, chunk_groups(k), wt, ct,
+          kLaneKernels[mt - 1](xqp + 16 * i0 * M + chunk_groups(k) * m0, block_values(c, i0), lm,
                                y + m0 * N + 16 * c, N, k > 0, m0 == b0 ? &pf : nullptr);
         }
       }
     }
   });
-  return chunks * (16 / kNR);
+  return blocks * (16 / kNR);
 }
 
 // ---------------------------------------------------------------- entry point
-// bf16 on CPUs with AVX512_BF16: the GEMV below lanes_min_m tokens, the row lanes from there, and from
+// bf16 on CPUs with AVX512_BF16: the row lanes (and the GEMV on the rows after their blocks of 16), from
 // onednn_min_m the `at::mm` panels (AMX CPUs; kernels/cpu/__init__.py, PREFILL_PATHS). Other dtypes: the GEMV
 // up to small_m_max tokens, the panels above.
 torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m, int64_t onednn_min_m) {
+                     int64_t small_m_max, int64_t panel_bytes, int64_t onednn_min_m) {
   TORCH_CHECK(x2.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "bawa_sparse_cpu.linear: 2-D tensors expected");
   TORCH_CHECK(x2.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(meta.scalar_type() == torch::kUInt8, "meta must be uint8");
@@ -715,7 +801,7 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   x2 = x2.to(dtype).contiguous();
   values = values.contiguous();
   meta = meta.contiguous();
-  const bool dp = dtype == torch::kBFloat16 && cpu_has_avx512_bf16();
+  const bool dp = lanes_layout(dtype);
   if (dp ? M >= onednn_min_m : M > small_m_max) {
     torch::Tensor y = torch::empty({M, N}, x2.options());
     if (dtype == torch::kFloat) large_m<float>(x2, values, meta, y, panel_bytes);
@@ -730,8 +816,8 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
   if (dp) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>());
     const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
-    // the GEMV's share: all rows, or those after the lanes' chunks of 16
-    const int64_t first_group = M >= lanes_min_m ? row_lanes(xp, M, vp, mk, N, K, yp) : 0;
+    // the lanes' blocks of 16 rows, then the GEMV on the rows after them
+    const int64_t first_group = row_lanes(xp, M, vp, mk, N, K, yp);
     small_m<uint16_t, uint16_t>(xp, M, vp, mk, N, K, yp, dot_bf16<1>, dot_bf16<2>, dot_bf16<4>, first_group);
   } else {
     torch::Tensor xf = x2.to(torch::kFloat).contiguous();
@@ -755,12 +841,12 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
 // The crossovers above, set at load from kernels/cpu/__init__.py (the one place they are measured and
 // written; no defaults here to drift from them).
 struct Dispatch {
-  int64_t small_m_max, panel_bytes, lanes_min_m, onednn_min_m;
+  int64_t small_m_max, panel_bytes, onednn_min_m;
 };
 std::optional<Dispatch> g_dispatch;
 
-void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t lanes_min_m, int64_t onednn_min_m) {
-  g_dispatch = Dispatch{small_m_max, panel_bytes, lanes_min_m, onednn_min_m};
+void set_dispatch(int64_t small_m_max, int64_t panel_bytes, int64_t onednn_min_m) {
+  g_dispatch = Dispatch{small_m_max, panel_bytes, onednn_min_m};
 }
 
 // The op's Python body (kernels/__init__.py, python_body), for backend codes this file does not run. Set once
@@ -790,7 +876,7 @@ torch::Tensor op_linear(const torch::Tensor& x, const torch::Tensor& values, con
               "with bawa_vllm.kernels.cpu.load)");
   const Dispatch d = *g_dispatch;
   const torch::Tensor y = linear(x.reshape({-1, x.size(-1)}), values, meta, bias, d.small_m_max, d.panel_bytes,
-                                 d.lanes_min_m, d.onednn_min_m);
+                                 d.onednn_min_m);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);
@@ -817,7 +903,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_python_body", &set_python_body, "the op's Python body, for the backend codes the C++ kernel does not run");
   m.def("set_dispatch", &set_dispatch, "the crossovers of the op's CPU kernel (kernels/cpu/__init__.py)",
-        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("lanes_min_m"), py::arg("onednn_min_m"));
+        py::arg("small_m_max"), py::arg("panel_bytes"), py::arg("onednn_min_m"));
   m.def("parallel_threads", &parallel_threads, py::call_guard<py::gil_scoped_release>());
 }
 
