@@ -665,10 +665,12 @@ void lane_controls(const LaneMeta& lm, uint32_t* ct) {
 
 // y[t][l] (+)= x[t] . W[l] for MT tokens (xq[g][t]: token t's 4 columns of group g) and the 16 rows of a block
 // of lanes (wt: 16 dwords a group, from the range's first) over lm's groups; y (fp32) rows N apart, added to
-// when `add`. Issues one of pf's lines per group.
+// when `add`, or, when yb is given, y + bias (the block's 16 values, or none) rounded to bf16 into yb instead.
+// Issues one of pf's lines per group.
 template <int MT>
 __attribute__((target("avx512bf16"))) void lane_kernel(const uint64_t* xq, const uint32_t* wt, const LaneMeta& lm,
-                                                        float* y, int64_t N, bool add, LinePrefetch* pf) {
+                                                        float* y, uint16_t* yb, const float* bias, int64_t N,
+                                                        bool add, LinePrefetch* pf) {
   __m512 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = add ? _mm512_loadu_ps(y + t * N) : _mm512_setzero_ps();
   const __m512i table = _mm512_load_si512(kPick.ctrl);
@@ -689,7 +691,13 @@ __attribute__((target("avx512bf16"))) void lane_kernel(const uint64_t* xq, const
     }
     g0 += ng;
   }
-  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
+  if (yb) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int t = 0; t < MT; ++t)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yb + t * N), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t], b)));
+  } else {
+    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + t * N, acc[t]);
+  }
 }
 
 template <int... I>
@@ -698,13 +706,18 @@ constexpr auto lane_kernels(std::integer_sequence<int, I...>) {
 }
 constexpr auto kLaneKernels = lane_kernels(std::make_integer_sequence<int, 16>{});  // [MT - 1]
 
-// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take blocks of 16 rows).
-// Returns the row groups (rows_of) it covered; the caller runs the rest (at most 15 rows) on the GEMV.
+// K chunks of the lanes: kLaneWords words each, the tail with the last.
+inline int64_t lane_kchunks(int64_t K) { return std::max<int64_t>(1, (K / kWord + kLaneWords - 1) / kLaneWords); }
+
+// y[M, N] (fp32) = x Wᵀ for bf16 x and W, on the first N / 16 * 16 rows (threads take blocks of 16 rows); or,
+// with yb (one K chunk only), x Wᵀ + bias (N values, or none) rounded to bf16 into yb [M, N]. Returns the row
+// groups (rows_of) it covered; the caller runs the rest (at most 15 rows) on the GEMV.
 int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
-                  float* y) {
+                  float* y, uint16_t* yb = nullptr, const float* bias = nullptr) {
   const int64_t blocks = N / 16, G = K / 4, words = K / kWord, tail = K % kWord;
   if (M == 0 || blocks == 0) return blocks * (16 / kNR);
-  const int64_t kchunks = std::max<int64_t>(1, (words + kLaneWords - 1) / kLaneWords);
+  const int64_t kchunks = lane_kchunks(K);
+  TORCH_CHECK(!yb || kchunks == 1, "row_lanes: bf16 output needs one K chunk");
   auto first_word = [&](int64_t k) { return k * kLaneWords; };
   auto end_word = [&](int64_t k) { return std::min(words, (k + 1) * kLaneWords); };
   // Groups of K chunk k: its words', and the tail's in the last one.
@@ -774,7 +787,8 @@ int64_t row_lanes(const uint16_t* x, int64_t M, const uint16_t* values, const ui
         for (int64_t m0 = b0; m0 < b1; m0 += 16) {
           const int64_t mt = std::min<int64_t>(16, M - m0);
           kLaneKernels[mt - 1](xqp + 16 * i0 * M + chunk_groups(k) * m0, block_values(c, i0), lm,
-                               y + m0 * N + 16 * c, N, k > 0, m0 == b0 ? &pf : nullptr);
+                               y + m0 * N + 16 * c, yb ? yb + m0 * N + 16 * c : nullptr,
+                               bias ? bias + 16 * c : nullptr, N, k > 0, m0 == b0 ? &pf : nullptr);
         }
       }
     }
@@ -810,9 +824,21 @@ torch::Tensor linear(torch::Tensor x2, torch::Tensor values, torch::Tensor meta,
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
+  const uint8_t* mk = meta.data_ptr<uint8_t>();
+  if (dp && N % 16 == 0 && lane_kchunks(K) == 1) {
+    // The lanes write bf16 (and add the bias) themselves: an fp32 result and its conversion cost a pass over
+    // [M, N] floats, and from 32 MiB (glibc's largest mmap threshold) a fresh mapping whose page faults are paid
+    // on every call (a 512 x 16384 buffer filled and converted: 23 ms at 1 thread, 10 at 2, against 84 for
+    // the dense GEMM of that shape at 2 threads).
+    torch::Tensor y = torch::empty({M, N}, x2.options());
+    torch::Tensor bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    row_lanes(reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>()), M,
+              reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>()), mk, N, K, nullptr,
+              reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()), bf.defined() ? bf.data_ptr<float>() : nullptr);
+    return y;
+  }
   torch::Tensor acc = torch::empty({M, N}, x2.options().dtype(torch::kFloat));
   float* yp = acc.data_ptr<float>();
-  const uint8_t* mk = meta.data_ptr<uint8_t>();
   if (dp) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>());
     const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
