@@ -584,8 +584,8 @@ void large_m(const torch::Tensor& x2, const torch::Tensor& values, const torch::
 // groups, 64 bytes each, read as they are. The lanes used to be made per call from the GEMV's 4-row layout (a
 // 16 x 16 transpose per word), which only paid from 10 tokens; kept as lanes, against that (vLLM's GEMM time
 // over ours in two runs of benchmarks/gemm.py, 1 thread, the eight 1B/8B shapes): 1 token 1.78-2.12x ->
-// 2.15-2.68x, 4 tokens 0.88-1.05x -> 1.41-1.87x, 8 tokens 0.97-1.08x -> 1.37-1.79x, 16 tokens 0.91-1.07x ->
-// 1.13-1.46x (the figures at 32 and more tokens are in README.md).
+// 2.37-2.88x, 4 tokens 0.88-1.05x -> 1.59-2.13x, 8 tokens 0.97-1.08x -> 1.50-1.81x, 16 tokens 0.91-1.07x ->
+// 1.26-1.46x (the figures at 32 and more tokens are in README.md).
 // K chunk: 64 words (4096 columns). Against 16 words, interleaved in one run (1 thread, 1B/8B shapes at 16 and
 // 32 tokens, lanes made per call): 2-9 % faster; against all of K, level.
 constexpr int64_t kLaneWords = 64;
